@@ -1,6 +1,6 @@
 """Attention kernels for MiMo-V2-Flash: sliding window + sink bias, one front door.
 
-``attention(..., implementation="xla" | "pallas")`` is the only attention entry point the model uses.
+``attention(..., implementation="xla" | "pallas")`` is the only attention entry point of the model.
 ``reference.attention_reference`` is the fp32 specification both implementations are tested against.
 """
 

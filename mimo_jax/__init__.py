@@ -1,0 +1,11 @@
+"""mimo-jax: MiMo-V2-Flash in JAX / Flax NNX.
+
+Dimension letters used in shape comments and einsum strings: B batch, T query length, S key/value
+length, D hidden, N query heads, K kv heads, G query heads per kv head, H q/k head dim, P v head
+dim, F dense FFN dim, E experts, M expert FFN dim, V vocab, L layers, W window.
+"""
+
+from mimo_jax.config import ModelConfig, mimo_v2_flash, tiny
+from mimo_jax.model import MiMoV2Flash, ModelOutput, layer_plan
+
+__all__ = ["ModelConfig", "MiMoV2Flash", "ModelOutput", "layer_plan", "mimo_v2_flash", "tiny"]

@@ -1,0 +1,129 @@
+"""Attention for MiMo-V2-Flash: global or sliding-window, sink logits, value scale, GQA.
+
+Per layer type (reference section 2.4):
+  * global ("full_attention"): ``num_kv_heads`` kv heads, RoPE base ``rope_theta``, no sink.
+  * sliding window: ``swa_num_kv_heads`` kv heads, RoPE base ``swa_rope_theta``, window of
+    ``sliding_window`` keys (the query plus the previous ``sliding_window - 1`` tokens), and a
+    learnable per-head sink logit.
+Both rotate only the first ``rotary_dim`` (64 of 192) dims of q and k, scale v by
+``attention_value_scale`` (not folded into the softmax scale, which stays H ** -0.5), and run
+the attention math through ``pallas_kernels.attention``.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from mimo_jax import sharding as sh
+from mimo_jax.config import SLIDING, ModelConfig
+from mimo_jax.layers import Linear, apply_rope
+
+
+class Attention(nnx.Module):
+    """Self-attention block (projections + kernel), one layer type per instance."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        """Creates the projections (and the sink logits on sliding-window layers).
+
+        Args:
+          cfg: model config.
+          layer_type: "full_attention" or "sliding_attention".
+          rngs: parameter RNG.
+        """
+        self.cfg = cfg
+        self.is_sliding = layer_type == SLIDING
+        self.num_kv_heads = cfg.swa_num_kv_heads if self.is_sliding else cfg.num_kv_heads
+        self.theta = cfg.swa_rope_theta if self.is_sliding else cfg.rope_theta
+        self.window = cfg.sliding_window if self.is_sliding else None
+        n, k, h, p, d = (
+            cfg.num_heads,
+            self.num_kv_heads,
+            cfg.head_dim,
+            cfg.v_head_dim,
+            cfg.embed_dim,
+        )
+        kw = dict(
+            std=cfg.initializer_range,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
+        self.q_proj = Linear(d, (n, h), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), **kw)
+        self.k_proj = Linear(d, (k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), **kw)
+        self.v_proj = Linear(d, (k, p), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), **kw)
+        self.o_proj = Linear((n, p), d, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), **kw)
+        has_sink = cfg.swa_attention_sink if self.is_sliding else cfg.full_attention_sink
+        if has_sink:
+            init = jax.nn.initializers.normal(cfg.initializer_range)
+            self.sinks = nnx.Param(
+                init(rngs.params(), (n,), jnp.dtype(cfg.param_dtype)),
+                out_sharding=(sh.HEADS,),
+                eager_sharding=False,
+            )
+        else:
+            self.sinks = None
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projects and rotates.
+
+        Args:
+          x: [B, T, D] normalised hidden states.
+          positions: int [B, T] absolute positions.
+
+        Returns:
+          q [B, T, N, H], k [B, T, K, H], v [B, T, K, P] (v already scaled).
+        """
+        rd = self.cfg.rotary_dim
+        q = apply_rope(self.q_proj(x), positions, theta=self.theta, rotary_dim=rd)  # [B, T, N, H]
+        k = apply_rope(self.k_proj(x), positions, theta=self.theta, rotary_dim=rd)  # [B, T, K, H]
+        v = self.v_proj(x) * jnp.asarray(self.cfg.attention_value_scale, x.dtype)  # [B, T, K, P]
+        return q, k, v
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        q_positions: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attention over (k, v) and the output projection.
+
+        Args:
+          q: [B, T, N, H].
+          k: [B, S, K, H] (the new keys, or a KV cache).
+          v: [B, S, K, P].
+          q_positions: optional int [B, T] (needed when k/v is a cache).
+          kv_positions: optional int [B, S] slot positions, negative for empty slots.
+
+        Returns:
+          [B, T, D].
+        """
+        o = pallas_kernels.attention(
+            q,
+            k,
+            v,
+            sinks=None if self.sinks is None else self.sinks[...].astype(jnp.float32),
+            sliding_window=self.window,
+            causal=True,
+            scale=self.cfg.head_dim**-0.5,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+            implementation=self.cfg.attention_impl,
+        )  # [B, T, N, P]
+        return self.o_proj(o)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """Causal self-attention over the sequence itself (training / no-cache forward).
+
+        Args:
+          x: [B, T, D] normalised hidden states.
+          positions: int [B, T] absolute positions (consecutive within a row).
+
+        Returns:
+          [B, T, D].
+        """
+        q, k, v = self.qkv(x, positions)
+        return self.attend(q, k, v)

@@ -1,0 +1,395 @@
+"""HF safetensors <-> NNX state, streamed tensor by tensor.
+
+The checkpoint format is the one on the hub (and what transformers' ``save_pretrained`` writes):
+per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``, ``self_attn.attention_sink_bias``,
+MTP blocks under ``model.mtp.layers.{k}.*`` (transformers itself ignores those), PyTorch
+``[out, in]`` weights, optionally FP8 e4m3 with 128x128 ``weight_scale_inv`` block scales.
+
+Memory: ``load_hf`` builds the model abstractly and fills one parameter array at a time from
+memory-mapped files, so the host holds at most one stacked parameter (for the released model the
+largest is one scanned expert weight, 7 x 256 x 4096 x 2048 x 2 bytes = 30 GB in bf16) plus one
+file tensor. ``save_hf`` writes one shard (default 4 GB) at a time.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from mimo_jax.config import ModelConfig
+from mimo_jax.model import MiMoV2Flash
+
+INDEX_FILE = "model.safetensors.index.json"
+FP8_BLOCK = 128
+_FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+_FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """How one HF tensor maps onto the model state.
+
+    Attributes:
+      path: key path of the nnx.State leaf.
+      index: leading indices into that leaf (scan repeat and/or expert).
+      hf_shape: shape of the HF tensor.
+      n_in: for linear weights, how many of the leaf's (trailing) dims are inputs; 0 = copy as is.
+      fp8: whether the tensor may be stored block-quantized.
+    """
+
+    path: tuple
+    index: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+    n_in: int = 0
+    fp8: bool = False
+
+
+def _linear(path, index, in_shape, out_shape, n_in=1, fp8=True) -> Entry:
+    return Entry(path, index, (math.prod(out_shape), math.prod(in_shape)), n_in, fp8)
+
+
+def _attention_entries(cfg, prefix, path, index, sliding) -> dict[str, Entry]:
+    n, h, p, d = cfg.num_heads, cfg.head_dim, cfg.v_head_dim, cfg.embed_dim
+    k = cfg.swa_num_kv_heads if sliding else cfg.num_kv_heads
+    out = {
+        f"{prefix}.q_proj.weight": _linear(path + ("q_proj", "kernel"), index, (d,), (n, h)),
+        f"{prefix}.k_proj.weight": _linear(path + ("k_proj", "kernel"), index, (d,), (k, h)),
+        f"{prefix}.v_proj.weight": _linear(path + ("v_proj", "kernel"), index, (d,), (k, p)),
+        # o_proj is bf16 in the released checkpoint (not quantized), but accept FP8 anyway.
+        f"{prefix}.o_proj.weight": _linear(path + ("o_proj", "kernel"), index, (n, p), (d,), 2),
+    }
+    if cfg.swa_attention_sink if sliding else cfg.full_attention_sink:
+        out[f"{prefix}.attention_sink_bias"] = Entry(path + ("sinks",), index, (n,))
+    return out
+
+
+def _mlp_entries(prefix, path, index, d, f) -> dict[str, Entry]:
+    return {
+        f"{prefix}.gate_proj.weight": _linear(path + ("gate_proj", "kernel"), index, (d,), (f,)),
+        f"{prefix}.up_proj.weight": _linear(path + ("up_proj", "kernel"), index, (d,), (f,)),
+        f"{prefix}.down_proj.weight": _linear(path + ("down_proj", "kernel"), index, (f,), (d,)),
+    }
+
+
+def hf_entries(model: MiMoV2Flash) -> dict[str, Entry]:
+    """The full HF tensor table of a model (hub names, scales excluded)."""
+    cfg = model.cfg
+    d, e = cfg.embed_dim, cfg.num_experts
+    norm = lambda path, index: Entry(path + ("scale",), index, (d,))  # noqa: E731
+    table = {
+        "model.embed_tokens.weight": Entry(("embed_tokens", "embedding"), (), (cfg.vocab_size, d)),
+        "model.norm.weight": norm(("norm",), ()),
+        "lm_head.weight": _linear(("lm_head", "kernel"), (), (d,), (cfg.vocab_size,), fp8=False),
+    }
+    for i in range(cfg.num_layers):
+        where, j, r = model.plan.locate(i)
+        path = ("scanned", j) if where == "scanned" else ("layers", j)
+        idx = () if r is None else (r,)
+        pre = f"model.layers.{i}"
+        table[f"{pre}.input_layernorm.weight"] = norm(path + ("input_layernorm",), idx)
+        table[f"{pre}.post_attention_layernorm.weight"] = norm(
+            path + ("post_attention_layernorm",), idx
+        )
+        sliding = cfg.layer_types[i] == "sliding_attention"
+        table.update(
+            _attention_entries(cfg, f"{pre}.self_attn", path + ("self_attn",), idx, sliding)
+        )
+        if cfg.mlp_layer_types[i] == "dense":
+            table.update(_mlp_entries(f"{pre}.mlp", path + ("mlp",), idx, d, cfg.mlp_dim))
+            continue
+        mlp = path + ("mlp",)
+        table[f"{pre}.mlp.gate.weight"] = _linear(
+            mlp + ("router", "kernel"), idx, (d,), (e,), fp8=False
+        )
+        table[f"{pre}.mlp.gate.e_score_correction_bias"] = Entry(
+            mlp + ("router", "bias"), idx, (e,)
+        )
+        m = cfg.moe_mlp_dim
+        for x in range(e):
+            ep = f"{pre}.mlp.experts.{x}"
+            table[f"{ep}.gate_proj.weight"] = _linear(mlp + ("wi_gate",), idx + (x,), (d,), (m,))
+            table[f"{ep}.up_proj.weight"] = _linear(mlp + ("wi_up",), idx + (x,), (d,), (m,))
+            table[f"{ep}.down_proj.weight"] = _linear(mlp + ("wo",), idx + (x,), (m,), (d,))
+    for k in range(cfg.num_mtp_layers):
+        pre, path = f"model.mtp.layers.{k}", ("mtp", k)
+        for name in ("enorm", "hnorm", "input_layernorm", "final_layernorm"):
+            table[f"{pre}.{name}.weight"] = norm(path + (name,), ())
+        # Megatron's name for the post-attention norm, kept by the released checkpoint.
+        table[f"{pre}.pre_mlp_layernorm.weight"] = norm(path + ("post_attention_layernorm",), ())
+        table[f"{pre}.eh_proj.weight"] = _linear(path + ("eh_proj", "kernel"), (), (2 * d,), (d,))
+        table.update(_attention_entries(cfg, f"{pre}.self_attn", path + ("self_attn",), (), True))
+        table.update(_mlp_entries(f"{pre}.mlp", path + ("mlp",), (), d, cfg.mlp_dim))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+class _Checkpoint:
+    """Lazy view of the tensors in a HF checkpoint directory (single file or sharded)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
+        self.meta: dict[
+            str, tuple[str, str, list[int], int]
+        ] = {}  # name -> file, dtype, shape, offset
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            if not os.path.exists(fpath):
+                raise FileNotFoundError(f"{path}: {INDEX_FILE} lists {fname}, which is missing")
+            with open(fpath, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if name in self.meta:
+                    raise ValueError(f"{path}: tensor {name!r} appears in two files")
+                start = 8 + n + info["data_offsets"][0]
+                self.meta[name] = (fpath, info["dtype"], list(info["shape"]), start)
+
+    def dtype(self, name: str) -> str:
+        return self.meta[name][1]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.meta[name][2])
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a numpy array (memory-mapped; float8 via ml_dtypes)."""
+        fpath, dtype, shape, start = self.meta[name]
+        if dtype in _FP8_DTYPES:
+            # numpy has no float8, so safetensors' numpy loader cannot read it; map the bytes.
+            return np.memmap(fpath, _FP8_DTYPES[dtype], "r", start, tuple(shape))
+        with safe_open(fpath, framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
+    """W[r, c] = float(W_fp8[r, c]) * S[r // block, c // block], in float32.
+
+    Args:
+      weight: [R, C] float8_e4m3fn.
+      scale_inv: [ceil(R / block), ceil(C / block)] float32.
+      block: block edge.
+
+    Returns:
+      [R, C] float32.
+    """
+    rows, cols = weight.shape
+    s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:rows, :cols]
+    return weight.astype(np.float32) * s
+
+
+def _read_checked(ckpt: _Checkpoint, name: str, entry: Entry) -> np.ndarray:
+    """Reads one tensor, checking its shape and dtype, dequantizing FP8; returns float32/bf16."""
+    shape, dtype = ckpt.shape(name), ckpt.dtype(name)
+    if shape != entry.hf_shape:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, expected {entry.hf_shape}")
+    if dtype in _FP8_DTYPES:
+        if not entry.fp8:
+            raise ValueError(f"checkpoint tensor {name!r} is {dtype}, but it is never quantized")
+        scale_name = name.replace(".weight", ".weight_scale_inv")
+        if scale_name not in ckpt.meta:
+            raise ValueError(f"checkpoint tensor {name!r} is {dtype} but {scale_name!r} is missing")
+        want = tuple(-(-s // FP8_BLOCK) for s in shape)
+        if ckpt.shape(scale_name) != want or ckpt.dtype(scale_name) != "F32":
+            raise ValueError(
+                f"checkpoint tensor {scale_name!r} is {ckpt.dtype(scale_name)} "
+                f"{ckpt.shape(scale_name)}, expected F32 {want} (128x128 blocks)"
+            )
+        return dequantize_fp8(ckpt.read(name), ckpt.read(scale_name))
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"checkpoint tensor {name!r} has dtype {dtype}; expected one of "
+            f"{sorted(_FLOAT_DTYPES) + sorted(_FP8_DTYPES)}"
+        )
+    return ckpt.read(name)
+
+
+def _to_leaf_layout(x: np.ndarray, entry: Entry, leaf_shape: tuple[int, ...]) -> np.ndarray:
+    """HF [out, in] (or a vector) -> our kernel layout [*in, *out] for the indexed slice."""
+    sub = leaf_shape[len(entry.index) :]
+    if entry.n_in:
+        return np.ascontiguousarray(x.T).reshape(sub)
+    return x.reshape(sub)
+
+
+def _from_leaf_layout(x: np.ndarray, entry: Entry) -> np.ndarray:
+    """Our slice -> HF layout."""
+    if entry.n_in:
+        n_in = math.prod(x.shape[: entry.n_in])
+        return np.ascontiguousarray(x.reshape(n_in, -1).T)
+    return x.reshape(entry.hf_shape)
+
+
+def _leaves(state) -> dict[tuple, nnx.Variable]:
+    return {tuple(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def _count_mtp_layers(names) -> int:
+    found = {int(m.group(1)) for n in names if (m := re.match(r"model\.mtp\.layers\.(\d+)\.", n))}
+    if found and found != set(range(len(found))):
+        raise ValueError(f"checkpoint MTP layers are not numbered 0..k-1: found {sorted(found)}")
+    return len(found)
+
+
+def load_hf(path: str, **overrides) -> MiMoV2Flash:
+    """Loads a HF checkpoint directory (config.json + safetensors) into a MiMoV2Flash.
+
+    Args:
+      path: directory with ``config.json`` and ``*.safetensors`` (optionally sharded with
+        ``model.safetensors.index.json``); FP8 e4m3 weights with ``weight_scale_inv`` are
+        dequantized.
+      **overrides: ModelConfig fields to set (e.g. ``param_dtype="float32"``, ``moe_impl``).
+        ``param_dtype`` defaults to the config's ``torch_dtype``/``dtype``.
+
+    Returns:
+      The model.
+
+    Raises:
+      ValueError: on a malformed config, or a missing, extra, misshaped or wrongly typed tensor
+        (the message names it).
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        hf_cfg = json.load(f)
+    ckpt = _Checkpoint(path)
+    stored = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype")
+    defaults = {}
+    if stored in ("float32", "bfloat16", "float16"):
+        defaults = {
+            "param_dtype": stored,
+            "dtype": "float32" if stored == "float32" else "bfloat16",
+        }
+    if hf_cfg.get("num_nextn_predict_layers") is None:
+        defaults["num_mtp_layers"] = _count_mtp_layers(ckpt.meta)
+    cfg = ModelConfig.from_hf(hf_cfg, **{**defaults, **overrides})
+
+    abstract = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
+    table = hf_entries(abstract)
+    scales = {n for n in ckpt.meta if n.endswith(".weight_scale_inv")}
+    missing = sorted(set(table) - set(ckpt.meta))
+    if missing:
+        raise ValueError(
+            f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}"
+        )
+    extra = sorted(set(ckpt.meta) - set(table) - scales)
+    orphan = sorted(s for s in scales if s.replace("_scale_inv", "") not in table)
+    if extra or orphan:
+        raise ValueError(f"{path}: unexpected tensor(s) in checkpoint: {(extra + orphan)[:5]}")
+
+    graphdef, state = nnx.split(abstract)
+    leaves = _leaves(state)
+    by_leaf: dict[tuple, list[tuple[str, Entry]]] = {}
+    for name, entry in table.items():
+        by_leaf.setdefault(entry.path, []).append((name, entry))
+    for leaf_path, var in leaves.items():
+        if leaf_path not in by_leaf:
+            raise AssertionError(f"no checkpoint tensor maps to parameter {leaf_path}")
+        buf = np.empty(var.shape, jnp.dtype(var.dtype))
+        for name, entry in by_leaf[leaf_path]:
+            x = _read_checked(ckpt, name, entry)
+            buf[entry.index] = _to_leaf_layout(x, entry, var.shape).astype(buf.dtype)
+        var.set_value(jnp.asarray(buf))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _hf_tensors(model: MiMoV2Flash) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for every HF tensor, one slice at a time (never the whole model)."""
+    leaves = _leaves(nnx.state(model))
+    for name, entry in hf_entries(model).items():
+        x = leaves[entry.path][...]
+        if entry.index:
+            x = x[entry.index]
+        yield name, _from_leaf_layout(np.asarray(jax.device_get(x)), entry)
+
+
+def save_hf(
+    model: MiMoV2Flash, path: str, *, max_shard_bytes: int = 4 << 30, overwrite: bool = False
+) -> None:
+    """Writes a HF checkpoint that transformers' ``MiMoV2FlashForCausalLM.from_pretrained`` loads.
+
+    The directory appears atomically: everything is written to a temporary sibling and renamed
+    into place, so a failed export leaves no partial directory.
+
+    Args:
+      model: the model.
+      path: output directory; must not exist unless ``overwrite``.
+      max_shard_bytes: upper bound of one safetensors file; more tensors go to further shards,
+        listed in ``model.safetensors.index.json``.
+      overwrite: replace an existing directory (only after the new one is complete).
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    hf_cfg = model.cfg.to_hf()  # validates before any file is written
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        shards: list[list[str]] = []
+        files: list[str] = []
+        pending: dict[str, np.ndarray] = {}
+        size = 0
+
+        def flush():
+            nonlocal pending, size
+            if pending:
+                fname = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(pending, os.path.join(tmp, fname), metadata={"format": "pt"})
+                files.append(fname)
+                shards.append(list(pending))
+                pending, size = {}, 0
+
+        for name, x in _hf_tensors(model):
+            if pending and size + x.nbytes > max_shard_bytes:
+                flush()
+            pending[name] = x
+            size += x.nbytes
+        flush()
+        weight_map, total = {}, 0
+        for i, names in enumerate(shards):
+            new = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.rename(os.path.join(tmp, files[i]), os.path.join(tmp, new))
+            weight_map.update(dict.fromkeys(names, new))
+        for fname in set(weight_map.values()):
+            total += os.path.getsize(os.path.join(tmp, fname))
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,283 @@
+"""MiMo-V2-Flash: decoder stack with scanned layer periods, final norm, untied head, MTP chain.
+
+    h = embed(ids)                                           # no embedding scaling
+    for each layer:  h = h + attn(input_layernorm(h));  h = h + ffn(post_attention_layernorm(h))
+    logits = lm_head(norm(h))                                # untied, no softcap
+
+Layers that repeat with a period (5 SWA + 1 global in the released model) are stacked along a
+leading ``layers`` axis and run under ``jax.lax.scan``, so compile time does not grow with depth;
+layers before and after the repeated run are unrolled. ``layer_plan`` finds the split.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mimo_jax import sharding as sh
+from mimo_jax.attention import Attention
+from mimo_jax.config import DENSE, ModelConfig
+from mimo_jax.layers import MLP, Embedder, Linear, RMSNorm
+from mimo_jax.moe import MoE
+from mimo_jax.mtp import MTPLayer
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What ``MiMoV2Flash.__call__`` returns.
+
+    Attributes:
+      logits: [B, T, V] fp32 next-token logits.
+      mtp_logits: one [B, T, V] per MTP depth k; position i predicts token i + k + 2.
+      hidden: [B, T, D] post-norm hidden states (the input of MTP depth 0).
+      mtp_hidden: one [B, T, D] per MTP depth (post ``final_layernorm``).
+      aux: ``expert_load`` [L, E], ``routing`` int32 [L, B, T, k] (-1 on dense layers),
+        ``seq_aux_loss`` [L] (0 on dense layers).
+    """
+
+    logits: jax.Array
+    mtp_logits: tuple[jax.Array, ...]
+    hidden: jax.Array
+    mtp_hidden: tuple[jax.Array, ...]
+    aux: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """Layers [start, start + period * repeats) run scanned; the rest run unrolled."""
+
+    start: int
+    period: int
+    repeats: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.period * self.repeats
+
+    def locate(self, layer: int) -> tuple[str, int, int | None]:
+        """Where layer i lives: ("unrolled", list index, None) or ("scanned", slot, repeat)."""
+        if self.start <= layer < self.stop:
+            r, slot = divmod(layer - self.start, self.period)
+            return "scanned", slot, r
+        return "unrolled", layer if layer < self.start else layer - self.period * self.repeats, None
+
+
+def layer_plan(cfg: ModelConfig) -> LayerPlan:
+    """Finds the longest run of a repeated layer period (ties: shorter period, later start)."""
+    sig = list(zip(cfg.layer_types, cfg.mlp_layer_types, strict=True))
+    n = len(sig)
+    best, best_key = LayerPlan(0, 1, 0), (0, 0, 0)
+    if not cfg.scan_layers:
+        return best
+    for p in range(1, n // 2 + 1):
+        for s in range(n - 2 * p + 1):
+            r = 1
+            while s + (r + 1) * p <= n and sig[s + r * p : s + (r + 1) * p] == sig[s : s + p]:
+                r += 1
+            key = (p * r, -p, s)
+            if r >= 2 and key > best_key:
+                best, best_key = LayerPlan(s, p, r), key
+    return best
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: attention (global or SWA) then a dense FFN or the MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, mlp_type: str, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.self_attn = Attention(cfg, layer_type, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.is_moe = mlp_type != DENSE
+        if self.is_moe:
+            self.mlp = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(
+                cfg.embed_dim,
+                cfg.mlp_dim,
+                std=cfg.initializer_range,
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=pd,
+                rngs=rngs,
+            )
+        self.cfg = cfg
+
+    def __call__(
+        self, h: jax.Array, positions: jax.Array, routing: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Args: h [B, T, D], positions int [B, T], routing optional int [B, T, k].
+
+        Returns: h [B, T, D] and this layer's aux (see ``ModelOutput.aux``).
+        """
+        h = h + self.self_attn(self.input_layernorm(h), positions)
+        x = self.post_attention_layernorm(h)
+        if self.is_moe:
+            y, aux = self.mlp(x, routing)
+        else:
+            y = self.mlp(x)
+            b, t, _ = h.shape
+            aux = {
+                "expert_load": jnp.zeros((self.cfg.num_experts,), jnp.float32),
+                "routing": jnp.full((b, t, self.cfg.num_experts_per_tok), -1, jnp.int32),
+                "seq_aux_loss": jnp.zeros((), jnp.float32),
+            }
+        return h + y, aux
+
+
+def _run_layer(graphdef, state, h, positions, routing, remat: bool):
+    """Applies one layer given as (graphdef, state): a pure function, so it can be scanned/remat."""
+
+    def f(state, h, positions, routing):
+        return nnx.merge(graphdef, state)(h, positions, routing)
+
+    if remat:
+        f = jax.checkpoint(f)
+    return f(state, h, positions, routing)
+
+
+class MiMoV2Flash(nnx.Module):
+    """The MiMo-V2-Flash causal LM with its MTP layers."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        """Builds (and initialises) every parameter.
+
+        Args:
+          cfg: model config.
+          rngs: parameter RNG.
+        """
+        self.cfg = cfg
+        self.plan = plan = layer_plan(cfg)
+        dt, pd = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        std = cfg.initializer_range
+        self.embed_tokens = Embedder(
+            cfg.vocab_size, cfg.embed_dim, std=std, dtype=dt, param_dtype=pd, rngs=rngs
+        )
+        kinds = list(zip(cfg.layer_types, cfg.mlp_layer_types, strict=True))
+        unrolled = [i for i in range(cfg.num_layers) if not plan.start <= i < plan.stop]
+        self.layers = nnx.List([DecoderLayer(cfg, *kinds[i], rngs=rngs) for i in unrolled])
+        self.scanned = nnx.List(
+            [
+                _stacked_layer(cfg, *kinds[plan.start + j], plan.repeats, rngs)
+                for j in range(plan.period if plan.repeats else 0)
+            ]
+        )
+        self.norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.lm_head = Linear(
+            cfg.embed_dim, cfg.vocab_size, (sh.EMBED, sh.VOCAB), std=std, dtype=dt,
+            param_dtype=pd, rngs=rngs,
+        )  # fmt: skip
+        self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs) for _ in range(cfg.num_mtp_layers)])
+
+    def layer(self, i: int) -> tuple[DecoderLayer, int | None]:
+        """Decoder layer i and its index along the stacked axis (None when unrolled)."""
+        where, idx, r = self.plan.locate(i)
+        return (self.scanned[idx], r) if where == "scanned" else (self.layers[idx], None)
+
+    def decoder(
+        self, h: jax.Array, positions: jax.Array, routing: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Runs all decoder layers.
+
+        Args:
+          h: [B, T, D] embeddings.
+          positions: int [B, T].
+          routing: optional int [L, B, T, k] expert ids to replay (rows of dense layers ignored).
+
+        Returns:
+          pre-norm hidden [B, T, D] and aux stacked over layers in layer order.
+        """
+        cfg, plan = self.cfg, self.plan
+        per_layer: list[Any] = [None] * cfg.num_layers
+
+        def run_unrolled(i):
+            nonlocal h
+            module = self.layers[plan.locate(i)[1]]
+            gd, st = nnx.split(module)
+            r = None if routing is None else routing[i]
+            h, per_layer[i] = _run_layer(gd, st, h, positions, r, cfg.remat)
+
+        for i in range(plan.start):
+            run_unrolled(i)
+        if plan.repeats:
+            splits = [nnx.split(m) for m in self.scanned]
+            gds = [g for g, _ in splits]
+            if routing is None:
+                xs_routing = None
+            else:
+                xs_routing = routing[plan.start : plan.stop].reshape(
+                    plan.repeats, plan.period, *routing.shape[1:]
+                )  # [R, period, B, T, k]
+
+            def body(h, xs):
+                states, r = xs
+                auxes = []
+                for j in range(plan.period):
+                    rj = None if r is None else r[j]
+                    h, aux = _run_layer(gds[j], states[j], h, positions, rj, cfg.remat)
+                    auxes.append(aux)
+                return h, auxes
+
+            h, auxes = jax.lax.scan(body, h, ([s for _, s in splits], xs_routing))
+            for rep in range(plan.repeats):
+                for j in range(plan.period):
+                    per_layer[plan.start + rep * plan.period + j] = jax.tree.map(
+                        lambda a, rep=rep: a[rep], auxes[j]
+                    )
+        for i in range(plan.stop, cfg.num_layers):
+            run_unrolled(i)
+        aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        return h, aux
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        routing: jax.Array | None = None,
+        mtp: bool = True,
+    ) -> ModelOutput:
+        """Forward pass over whole sequences (training, evaluation, parity checks).
+
+        Args:
+          input_ids: int [B, T] token ids.
+          positions: optional int [B, T]; defaults to arange(T) per row.
+          routing: optional int [L, B, T, k] expert ids to replay instead of routing.
+          mtp: also run the MTP chain (``out.mtp_logits``; empty when False).
+
+        Returns:
+          ModelOutput (logits in fp32).
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h = self.embed_tokens(input_ids)  # [B, T, D]
+        h, aux = self.decoder(h, positions, routing)
+        hidden = self.norm(h)
+        logits = self.lm_head(hidden).astype(jnp.float32)  # [B, T, V]
+        mtp_logits, mtp_hidden = [], []
+        if mtp:
+            h_prev = hidden
+            for k, layer in enumerate(self.mtp):
+                # Depth k at position i consumes token i+k+1 (and that token's position). The
+                # wrapped tail positions have no label and are masked out of the loss.
+                ids_k = jnp.roll(input_ids, -(k + 1), axis=1)
+                h_prev = layer(self.embed_tokens(ids_k), h_prev, positions + k + 1)
+                mtp_hidden.append(h_prev)
+                mtp_logits.append(self.lm_head(h_prev).astype(jnp.float32))
+        return ModelOutput(logits, tuple(mtp_logits), hidden, tuple(mtp_hidden), aux)
+
+
+def _stacked_layer(
+    cfg: ModelConfig, layer_type: str, mlp_type: str, repeats: int, rngs: nnx.Rngs
+) -> DecoderLayer:
+    """``repeats`` independent DecoderLayers stacked along a leading ``layers`` axis."""
+
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sh.LAYERS})
+    def make(rngs):
+        return DecoderLayer(cfg, layer_type, mlp_type, rngs=rngs)
+
+    return make(rngs)
