@@ -479,3 +479,36 @@ def tiny(**overrides) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def from_config_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """Builds a ModelConfig from an ml_collections ``config.model`` dict.
+
+    Besides the ModelConfig fields, the dict may give the layer pattern compactly (used when
+    ``layer_types`` is empty): ``num_layers``, ``num_dense_layers`` (leading dense-FFN layers) and
+    ``global_every`` (layer i is global when i == 0 or (i + 1) % global_every == 0).
+
+    Raises:
+      ValueError: naming any key that is not a ModelConfig field or a pattern key.
+    """
+    d = dict(d)
+    n = d.pop("num_layers", None)
+    dense = d.pop("num_dense_layers", 1)
+    every = d.pop("global_every", 6)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"config.model: unknown field(s) {unknown}; valid: {sorted(known)}")
+    if d.get("layer_types"):
+        if n is not None and n != len(d["layer_types"]):
+            raise ValueError(
+                f"config.model: num_layers={n} but layer_types lists {len(d['layer_types'])}"
+            )
+    else:
+        if n is None:
+            raise ValueError("config.model: give either layer_types or num_layers")
+        d["layer_types"] = tuple(
+            FULL if (i == 0 or (i + 1) % every == 0) else SLIDING for i in range(n)
+        )
+        d["mlp_layer_types"] = (DENSE,) * dense + (SPARSE,) * (n - dense)
+    return ModelConfig(**d)

@@ -1,0 +1,58 @@
+"""mimo-jax command line. Flags are parsed here; everything else is a library call.
+
+python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
+python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mimo_jax import checkpoint, hf
+
+MODES = ("import_hf", "export_hf")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory: model config, checkpoints, metrics.")
+flags.DEFINE_enum("mode", "import_hf", MODES, "What to do.")
+flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (import source / export target).")
+flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Import: storage dtype override.")
+flags.DEFINE_bool("overwrite", False, "Export: replace an existing --hf_dir.")
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def import_hf(hf_dir: str, workdir: str, param_dtype: str | None = None) -> None:
+    """HF checkpoint -> workdir (model_config.json + orbax checkpoint at step 0)."""
+    overrides = {} if param_dtype is None else {"param_dtype": param_dtype}
+    model = hf.load_hf(hf_dir, **overrides)
+    ckpt = checkpoint.Checkpointer(workdir)
+    if ckpt.latest_step() is not None:
+        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir")
+    checkpoint.save_model_config(workdir, model.cfg)
+    ckpt.save(0, model)
+    ckpt.close()
+    logging.info("imported %s -> %s", hf_dir, workdir)
+
+
+def export_hf(workdir: str, hf_dir: str, overwrite: bool = False) -> None:
+    """Workdir's latest checkpoint -> HF checkpoint directory."""
+    hf.save_hf(checkpoint.load_model(workdir), hf_dir, overwrite=overwrite)
+    logging.info("exported %s -> %s", workdir, hf_dir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.info("jax %s, devices %s", jax.__version__, jax.devices())
+    if FLAGS.mode in ("import_hf", "export_hf") and not FLAGS.hf_dir:
+        raise app.UsageError(f"--mode={FLAGS.mode} needs --hf_dir")
+    if FLAGS.mode == "import_hf":
+        import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.param_dtype)
+    elif FLAGS.mode == "export_hf":
+        export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.overwrite)
+
+
+if __name__ == "__main__":
+    jax.config.config_with_absl()
+    app.run(main)
