@@ -1,20 +1,22 @@
 """mimo-jax command line. Flags are parsed here; everything else is a library call.
 
-python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
-python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
+  python main.py --config=configs/tiny.py --workdir=runs/tiny        # train (default)
+  python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
+  python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
+  python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mimo_jax import checkpoint, hf
+from mimo_jax import checkpoint, hf, train
 
-MODES = ("import_hf", "export_hf")
+MODES = ("train", "eval", "import_hf", "export_hf")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: model config, checkpoints, metrics.")
-flags.DEFINE_enum("mode", "import_hf", MODES, "What to do.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (import source / export target).")
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Import: storage dtype override.")
 flags.DEFINE_bool("overwrite", False, "Export: replace an existing --hf_dir.")
@@ -47,7 +49,12 @@ def main(argv):
     logging.info("jax %s, devices %s", jax.__version__, jax.devices())
     if FLAGS.mode in ("import_hf", "export_hf") and not FLAGS.hf_dir:
         raise app.UsageError(f"--mode={FLAGS.mode} needs --hf_dir")
-    if FLAGS.mode == "import_hf":
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        metrics = train.eval_only(FLAGS.config, FLAGS.workdir)
+        print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    elif FLAGS.mode == "import_hf":
         import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.param_dtype)
     elif FLAGS.mode == "export_hf":
         export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.overwrite)

@@ -1,4 +1,4 @@
-"""Shared ml_collections layout of every config: model, data, train, checkpoint, mesh."""
+"""Shared ml_collections layout of every config: model, data, train."""
 
 import ml_collections
 
@@ -17,4 +17,38 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = model_dict()
+
+    c.data = ml_collections.ConfigDict()
+    # "stdlib": this Python's own standard library sources, byte-tokenised (embedded default).
+    # "files": token files (.bin / .npy) or text files tokenised with `tokenizer`.
+    c.data.source = "stdlib"
+    c.data.train_files = ""  # glob
+    c.data.validation_files = ""  # glob
+    c.data.tokenizer = ""  # path to a tokenizer.json; empty means bytes
+    c.data.val_percent = 2  # stdlib: share of files held out for validation
+    c.data.max_bytes = 0  # stdlib: cap on bytes read (0 = all)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16
+    c.train.seq_len = 256
+    c.train.grad_accum = 1  # micro-batches per optimizer step
+    c.train.lr = 3e-3
+    c.train.min_lr_ratio = 0.1
+    c.train.warmup_steps = 50
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.1
+    c.train.grad_clip = 1.0
+    c.train.mtp_loss_weight = 0.3  # the paper's stage-1 value
+    c.train.aux_loss_weight = 1e-5  # sequence-wise balance loss (paper: 1e-5)
+    c.train.bias_update_rate = 1e-3  # aux-loss-free expert-bias rate (paper: 1e-3)
+    c.train.log_every = 25
+    c.train.eval_every = 250
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 3
+    c.train.sample_len = 200
+    c.train.sample_prompt = "def "
     return c

@@ -6,6 +6,16 @@ dim, F dense FFN dim, E experts, M expert FFN dim, V vocab, L layers, W window.
 """
 
 from mimo_jax.config import ModelConfig, mimo_v2_flash, tiny
+from mimo_jax.hf import load_hf, save_hf
 from mimo_jax.model import MiMoV2Flash, ModelOutput, layer_plan
 
-__all__ = ["ModelConfig", "MiMoV2Flash", "ModelOutput", "layer_plan", "mimo_v2_flash", "tiny"]
+__all__ = [
+    "MiMoV2Flash",
+    "ModelConfig",
+    "ModelOutput",
+    "layer_plan",
+    "load_hf",
+    "mimo_v2_flash",
+    "save_hf",
+    "tiny",
+]
