@@ -66,21 +66,22 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, model: MiMoV2Flash, opt_state: Any = None, *, wait=True) -> None:
-        """Saves a step (the model's full state: params and router correction biases)."""
+    def save(self, step: int, model: MiMoV2Flash, optimizer: Any = None, *, wait=True) -> None:
+        """Saves a step: the model's full state (params and router correction biases) and the
+        optimizer's (an ``nnx.Optimizer``), if given."""
         items = {"model": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model)))}
-        if opt_state is not None:
-            items["opt"] = ocp.args.StandardSave(nnx.to_pure_dict(opt_state))
+        if optimizer is not None:
+            items["opt"] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         if wait:
             self.manager.wait_until_finished()
 
-    def restore(self, model: MiMoV2Flash, opt_state: Any = None, step: int | None = None) -> int:
-        """Restores a step into ``model`` (and ``opt_state``) in place.
+    def restore(self, model: MiMoV2Flash, optimizer: Any = None, step: int | None = None) -> int:
+        """Restores a step into ``model`` (and ``optimizer``) in place.
 
         Args:
           model: a model of the right architecture (abstract or concrete); updated in place.
-          opt_state: optional nnx optimizer state to update in place.
+          optimizer: optional ``nnx.Optimizer`` to update in place.
           step: the step, default the latest.
 
         Returns:
@@ -94,13 +95,21 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         state = nnx.state(model)
         items = {"model": ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(state)))}
-        if opt_state is not None:
+        if optimizer is not None:
+            opt_state = nnx.state(optimizer)
             items["opt"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state)))
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax raises assorted types for damaged directories
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} is unreadable or does not match "
+                f"the model ({type(e).__name__}: {e}); it was left untouched"
+            ) from e
         nnx.replace_by_pure_dict(state, restored["model"])
         nnx.update(model, state)
-        if opt_state is not None:
+        if optimizer is not None:
             nnx.replace_by_pure_dict(opt_state, restored["opt"])
+            nnx.update(optimizer, opt_state)
         return step
 
     def close(self) -> None:

@@ -16,8 +16,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 import jax
@@ -198,8 +198,20 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: int = FP8_B
       [R, C] float32.
     """
     rows, cols = weight.shape
+    want = (-(-rows // block), -(-cols // block))
+    if scale_inv.shape != want:
+        # np.repeat + crop would silently misalign (too many rows) or fail to broadcast.
+        raise ValueError(
+            f"dequantize_fp8: scale shape {scale_inv.shape} does not tile weight {weight.shape} "
+            f"in {block}x{block} blocks; expected {want}"
+        )
     s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:rows, :cols]
     return weight.astype(np.float32) * s
+
+
+def _scale_name(name: str) -> str:
+    """``...weight`` -> ``...weight_scale_inv`` (the block scales of an FP8 weight)."""
+    return name + "_scale_inv"
 
 
 def _read_checked(ckpt: _Checkpoint, name: str, entry: Entry) -> np.ndarray:
@@ -207,14 +219,22 @@ def _read_checked(ckpt: _Checkpoint, name: str, entry: Entry) -> np.ndarray:
     shape, dtype = ckpt.shape(name), ckpt.dtype(name)
     if shape != entry.hf_shape:
         raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, expected {entry.hf_shape}")
+    scale_name = _scale_name(name)
+    if dtype not in _FP8_DTYPES and scale_name in ckpt.meta:
+        # A scale on an unquantized tensor means the file is not what we think it is; applying
+        # or ignoring it would both be guesses.
+        raise ValueError(
+            f"checkpoint tensor {scale_name!r} exists but {name!r} is {dtype}, not FP8"
+        )
     if dtype in _FP8_DTYPES:
         if not entry.fp8:
             raise ValueError(f"checkpoint tensor {name!r} is {dtype}, but it is never quantized")
-        scale_name = name.replace(".weight", ".weight_scale_inv")
         if scale_name not in ckpt.meta:
             raise ValueError(f"checkpoint tensor {name!r} is {dtype} but {scale_name!r} is missing")
         want = tuple(-(-s // FP8_BLOCK) for s in shape)
         if ckpt.shape(scale_name) != want or ckpt.dtype(scale_name) != "F32":
+            # The released checkpoint may pad the global-layer k_proj scales per KV head
+            # (reference 4.3, unconfirmed); refuse rather than guess a block layout.
             raise ValueError(
                 f"checkpoint tensor {scale_name!r} is {ckpt.dtype(scale_name)} "
                 f"{ckpt.shape(scale_name)}, expected F32 {want} (128x128 blocks)"
@@ -291,11 +311,19 @@ def load_hf(path: str, **overrides) -> MiMoV2Flash:
     scales = {n for n in ckpt.meta if n.endswith(".weight_scale_inv")}
     missing = sorted(set(table) - set(ckpt.meta))
     if missing:
+        hint = ""
+        if all(n.startswith("model.mtp.") for n in missing):
+            # e.g. our export re-saved by transformers: it keeps num_nextn_predict_layers in
+            # config.json but drops the MTP weights it does not implement.
+            hint = (
+                f"; only MTP tensors are missing (config says {cfg.num_mtp_layers} MTP layers): "
+                "pass num_mtp_layers=0 to load the main model alone"
+            )
         raise ValueError(
-            f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}"
+            f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}{hint}"
         )
     extra = sorted(set(ckpt.meta) - set(table) - scales)
-    orphan = sorted(s for s in scales if s.replace("_scale_inv", "") not in table)
+    orphan = sorted(s for s in scales if s.removesuffix("_scale_inv") not in table)
     if extra or orphan:
         raise ValueError(f"{path}: unexpected tensor(s) in checkpoint: {(extra + orphan)[:5]}")
 
@@ -329,6 +357,13 @@ def _hf_tensors(model: MiMoV2Flash) -> Iterator[tuple[str, np.ndarray]]:
         yield name, _from_leaf_layout(np.asarray(jax.device_get(x)), entry)
 
 
+def _sibling(path: str, kind: str) -> str:
+    """A hidden, unused name next to ``path`` (same filesystem, so renames are atomic)."""
+    return os.path.join(
+        os.path.dirname(path), f".{os.path.basename(path)}.{kind}-{secrets.token_hex(6)}"
+    )
+
+
 def save_hf(
     model: MiMoV2Flash, path: str, *, max_shard_bytes: int = 4 << 30, overwrite: bool = False
 ) -> None:
@@ -350,12 +385,15 @@ def save_hf(
     hf_cfg = model.cfg.to_hf()  # validates before any file is written
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    # Not tempfile.mkdtemp: its 0700 mode would stick to the published checkpoint, while a
+    # plain mkdir honours the umask. The random suffix keeps concurrent exports apart.
+    tmp = _sibling(path, "tmp")
+    os.mkdir(tmp)
     try:
         shards: list[list[str]] = []
         files: list[str] = []
         pending: dict[str, np.ndarray] = {}
-        size = 0
+        size = total = 0
 
         def flush():
             nonlocal pending, size
@@ -371,22 +409,26 @@ def save_hf(
                 flush()
             pending[name] = x
             size += x.nbytes
+            total += x.nbytes  # HF's total_size counts tensor bytes, not file sizes
         flush()
-        weight_map, total = {}, 0
+        weight_map = {}
         for i, names in enumerate(shards):
             new = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
             os.rename(os.path.join(tmp, files[i]), os.path.join(tmp, new))
             weight_map.update(dict.fromkeys(names, new))
-        for fname in set(weight_map.values()):
-            total += os.path.getsize(os.path.join(tmp, fname))
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
+            old = _sibling(path, "old")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                # Put the previous checkpoint back rather than leave it under a hidden name.
+                os.rename(old, path)
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)

@@ -1,0 +1,235 @@
+"""GPU benchmark: Pallas sliding-window flash attention (fwd + bwd) vs XLA dense-masked attention.
+
+MiMo-V2-Flash SWA layer shapes: 64 query heads, 8 kv heads, H = 192, P = 128, window 128 (129
+visible keys), sinks, bf16, batch 1, T = S in {4K, 16K, 64K}. Rows:
+
+* ``pallas``: ``flash.flash_attention`` compiled (``interpret=False``), the backend's schedule.
+* ``xla_dense``: masked softmax over the full [T, S] score matrix (bf16 matmuls, fp32 logits),
+  what ``reference.attention_reference`` does; skipped when its [T, S] buffers cannot fit.
+* ``xla_banded``: ``pallas_kernels.xla.attention_xla`` when that module is importable.
+
+TFLOP/s count only the banded work (visible (query, key) pairs), so a dense kernel that computes
+masked entries is not credited for them. Each row is wrapped in try/except so one failure prints
+its error and the table goes on.
+
+Usage: python bench/attention_gpu.py [--seq 4096,16384,65536] [--iters 10] [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels import flash  # noqa: E402
+
+N_HEADS, KV_HEADS, H, P, WINDOW = 64, 8, 192, 128, 129
+
+
+def banded_pairs(t: int, window: int) -> int:
+    """Visible (query, key) pairs of causal SWA with T = S: sum_i min(i + 1, W)."""
+    full = max(t - window + 1, 0) * window
+    ramp = sum(range(1, min(t, window - 1) + 1))
+    return full + ramp
+
+
+def flops(t: int, batch: int = 1) -> tuple[float, float]:
+    """(forward, forward + backward) matmul FLOPs on the visible pairs.
+
+    Forward: QK^T (2H) + PV (2P) per pair. Backward: recomputed QK^T (2H), dP = dO V^T (2P),
+    dV = P^T dO (2P), dQ = dS K (2H), dK = dS^T Q (2H).
+    """
+    pairs = batch * N_HEADS * banded_pairs(t, WINDOW)
+    fwd = 2.0 * pairs * (H + P)
+    bwd = 2.0 * pairs * (3 * H + 2 * P)
+    return fwd, fwd + bwd
+
+
+def dense_masked_attention(q, k, v, *, sinks, sliding_window):
+    """XLA baseline: bf16 matmuls into fp32 [B, K, G, T, S] logits, masked softmax with sinks."""
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    qg = q.reshape(b, t, kv_heads, g, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * h**-0.5
+    qpos = jnp.arange(s - t, s)[:, None]
+    kpos = jnp.arange(s)[None, :]
+    mask = (qpos >= kpos) & (qpos - kpos < sliding_window)  # [T, S]
+    logits = jnp.where(mask, logits, -1e30)
+    sink = jnp.broadcast_to(sinks.reshape(1, kv_heads, g, 1, 1), (b, kv_heads, g, t, 1))
+    logits = jnp.concatenate([logits, sink.astype(jnp.float32)], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)[..., :-1].astype(v.dtype)
+    o = jnp.einsum("bkgts,bskp->btkgp", probs, v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+
+
+def _inputs(t, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(ks[0], (1, t, N_HEADS, H), dtype)
+    k = jax.random.normal(ks[1], (1, t, KV_HEADS, H), dtype)
+    v = jax.random.normal(ks[2], (1, t, KV_HEADS, P), dtype)
+    sinks = jax.random.normal(ks[3], (N_HEADS,), jnp.float32)
+    ct = jax.random.normal(ks[4], (1, t, N_HEADS, P), dtype)
+    return q, k, v, sinks, ct
+
+
+def _time(fn, args, iters):
+    """(compile + first run seconds, median seconds per call)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def _fwd_bwd(attn, ct):
+    def loss(q, k, v, sinks):
+        o = attn(q, k, v, sinks=sinks, sliding_window=WINDOW)
+        return jnp.sum(o.astype(jnp.float32) * ct.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def _device_bytes():
+    try:
+        return int(jax.devices()[0].memory_stats()["bytes_limit"])
+    except Exception:  # noqa: BLE001  (memory_stats is backend specific)
+        return 80 * 2**30
+
+
+def _pallas_impls():
+    """Pallas variants to try in order: the backend defaults, then smaller tiles."""
+    default = flash.BlockSizes.get_default()
+    small = flash.BlockSizes.uniform(32)
+    for name, bs in (("default", default), ("32", small)):
+
+        def attn(q, k, v, *, sinks, sliding_window, bs=bs):
+            return flash.flash_attention(
+                q, k, v, sinks=sinks, sliding_window=sliding_window, block_sizes=bs
+            )
+
+        yield name, attn
+
+
+def bench_row(impl, t, iters):
+    """Times one implementation at one T; returns a dict (with "error" on failure)."""
+    row = {"T": t, "impl": impl}
+    q, k, v, sinks, ct = _inputs(t)
+    fwd_flops, total_flops = flops(t)
+    try:
+        if impl == "pallas":
+            errors = []
+            for tiles, attn in _pallas_impls():
+                try:
+                    fwd = jax.jit(
+                        lambda q, k, v, s, attn=attn: attn(q, k, v, sinks=s, sliding_window=WINDOW)
+                    )
+                    row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
+                    grad = _fwd_bwd(attn, ct)
+                    row["compile_s"], row["fwd_bwd_s"] = _time(grad, (q, k, v, sinks), iters)
+                    row["tiles"] = tiles
+                    row["out"] = fwd(q, k, v, sinks)
+                    break
+                except Exception as e:  # noqa: BLE001
+                    errors.append(
+                        f"tiles={tiles}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    )
+                    traceback.print_exc()
+            else:
+                raise RuntimeError(" | ".join(errors))
+        else:
+            if impl == "xla_dense":
+                need = 4 * 4 * N_HEADS * t * t  # ~4 fp32 [N, T, S] buffers live in fwd + bwd
+                if need > 0.8 * _device_bytes():
+                    row["error"] = f"skipped: dense [T, S] buffers need ~{need / 2**30:.0f} GiB"
+                    return row
+                attn = dense_masked_attention
+            else:
+                from pallas_kernels import xla  # noqa: PLC0415
+
+                attn = xla.attention_xla
+            fwd = jax.jit(lambda q, k, v, s: attn(q, k, v, sinks=s, sliding_window=WINDOW))
+            row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
+            row["compile_s"], row["fwd_bwd_s"] = _time(_fwd_bwd(attn, ct), (q, k, v, sinks), iters)
+            row["out"] = fwd(q, k, v, sinks)
+        row["fwd_tflops"] = fwd_flops / row["fwd_s"] / 1e12
+        row["fwd_bwd_tflops"] = total_flops / row["fwd_bwd_s"] / 1e12
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        traceback.print_exc()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", default="4096,16384,65536")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--impls", default="pallas,xla_dense,xla_banded")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 N={N_HEADS} K={KV_HEADS}")
+    print(f"H={H} P={P} W={WINDOW} bf16, sinks; FLOPs counted on the band only\n", flush=True)
+
+    rows = []
+    for t in [int(x) for x in args.seq.split(",")]:
+        by_impl = {}
+        for impl in args.impls.split(","):
+            row = bench_row(impl, t, args.iters)
+            by_impl[impl] = row
+            rows.append(row)
+            print(f"  done T={t} {impl}: {row.get('error', 'ok')}", flush=True)
+        # Cross-check the Pallas output against the most exact baseline that ran.
+        out = by_impl.get("pallas", {}).pop("out", None)
+        for base in ("xla_dense", "xla_banded"):
+            ref = by_impl.get(base, {}).get("out")
+            if out is not None and ref is not None:
+                diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
+                by_impl["pallas"]["max_diff_vs"] = f"{float(diff):.2e} vs {base}"
+                break
+        for row in by_impl.values():
+            row.pop("out", None)
+        dense = by_impl.get("xla_dense", {}).get("fwd_bwd_s")
+        for row in by_impl.values():
+            if dense and row.get("fwd_bwd_s"):
+                row["speedup_vs_dense"] = dense / row["fwd_bwd_s"]
+
+    header = (
+        f"{'T':>6} {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11} {'speedup':>8} "
+        f"{'fwd TF/s':>9} {'f+b TF/s':>9} {'compile s':>9}  notes"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(
+                f"{r['T']:>6} {r['impl']:<11} {'-':>9} {'-':>11} {'-':>8} {'-':>9} {'-':>9} "
+                f"{'-':>9}  {r['error']}"
+            )
+            continue
+        speed = f"{r['speedup_vs_dense']:.1f}x" if "speedup_vs_dense" in r else "-"
+        notes = " ".join(f"{k}={r[k]}" for k in ("tiles", "max_diff_vs") if k in r)
+        print(
+            f"{r['T']:>6} {r['impl']:<11} {1e3 * r['fwd_s']:>9.3f} {1e3 * r['fwd_bwd_s']:>11.3f} "
+            f"{speed:>8} {r['fwd_tflops']:>9.1f} {r['fwd_bwd_tflops']:>9.1f} "
+            f"{r['compile_s']:>9.1f}  {notes}"
+        )
+    if args.json:
+        meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

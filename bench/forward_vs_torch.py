@@ -1,0 +1,194 @@
+"""Forward-pass throughput: our jitted JAX model vs transformers' MiMoV2FlashForCausalLM.
+
+Builds one random tiny-but-not-trivial MiMo-V2-Flash in transformers (eager attention, fp32),
+converts it to ours through ``save_pretrained`` + ``mimo_jax.hf.load_hf`` (so both run the same
+weights), checks that the logits agree, then times a full-sequence forward of each: the JAX
+forward jitted, after warmup, synchronised with ``block_until_ready``; the torch forward under
+``torch.no_grad`` with one thread per core. Reports the median of several runs as tokens/s.
+
+    python bench/forward_vs_torch.py [--batch 4 --seq 512 ...]
+
+Writes bench/results/forward_vs_torch.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mimo_jax import hf  # noqa: E402
+from mimo_jax.config import FULL, SLIDING  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6, help="layer 0 GA + dense, then 5 SWA : 1 GA")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2, help="GA kv heads (SWA gets twice as many)")
+    p.add_argument("--head-dim", type=int, default=48)
+    p.add_argument("--v-head-dim", type=int, default=32)
+    p.add_argument("--mlp-dim", type=int, default=1024)
+    p.add_argument("--moe-mlp-dim", type=int, default=128)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--window", type=int, default=129, help="keys per query incl. itself")
+    p.add_argument("--moe-impl", default="ragged", choices=["ragged", "dense"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--out", default=os.path.join(RESULTS, "forward_vs_torch.json"))
+    return p.parse_args()
+
+
+def torch_model(a: argparse.Namespace) -> MiMoV2FlashForCausalLM:
+    layer_types = [FULL if i == 0 or (i + 1) % 6 == 0 else SLIDING for i in range(a.layers)]
+    rope = {"rope_type": "default", "partial_rotary_factor": 0.334}
+    cfg = MiMoV2FlashConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.mlp_dim,
+        moe_intermediate_size=a.moe_mlp_dim,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.head_dim,
+        v_head_dim=a.v_head_dim,
+        layer_types=layer_types,
+        mlp_layer_types=["dense"] + ["sparse"] * (a.layers - 1),
+        rope_parameters={
+            FULL: {**rope, "rope_theta": 5e6},
+            SLIDING: {**rope, "rope_theta": 1e4},
+        },
+        n_routed_experts=a.experts,
+        num_experts_per_tok=a.top_k,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        sliding_window=a.window,
+        attention_value_scale=0.707,
+        max_position_embeddings=max(4096, a.seq),
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = MiMoV2FlashForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # Non-trivial sinks and correction bias, so both paths route and attend alike for real.
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    return model
+
+
+def median_seconds(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def main():
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    tm = torch_model(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        tm.save_pretrained(tmp)
+        model = hf.load_hf(tmp, moe_impl=a.moe_impl)
+    ids = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq))
+    ids_t, ids_j = torch.from_numpy(ids), jnp.asarray(ids)
+
+    # Main-model logits only: transformers has no MTP (this model has none anyway).
+    fwd = jax.jit(lambda m, x: m(x, mtp=False).logits)
+    t0 = time.perf_counter()
+    logits_j = fwd(model, ids_j).block_until_ready()
+    compile_s = time.perf_counter() - t0
+
+    def run_torch():
+        with torch.no_grad():
+            return tm(ids_t, use_cache=False).logits
+
+    logits_t = run_torch().numpy()
+    got = np.asarray(logits_j)
+    if not (np.isfinite(got).all() and np.isfinite(logits_t).all()):
+        raise SystemExit("non-finite logits")
+    max_diff = float(np.abs(got - logits_t).max())
+
+    jax_s, jax_all = median_seconds(lambda: fwd(model, ids_j).block_until_ready(), a.warmup, a.runs)
+    torch_s, torch_all = median_seconds(run_torch, a.warmup, a.runs)
+    tokens = a.batch * a.seq
+    result = {
+        "config": {k: v for k, v in vars(a).items() if k != "out"},
+        "tokens_per_forward": tokens,
+        "jax": {
+            "median_s": jax_s,
+            "runs_s": jax_all,
+            "tokens_per_s": tokens / jax_s,
+            "compile_plus_first_run_s": compile_s,
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "version": jax.__version__,
+        },
+        "torch": {
+            "median_s": torch_s,
+            "runs_s": torch_all,
+            "tokens_per_s": tokens / torch_s,
+            "threads": torch.get_num_threads(),
+            "version": torch.__version__,
+        },
+        "speedup_jax_over_torch": torch_s / jax_s,
+        "max_abs_logit_diff": max_diff,
+        "max_abs_logit": float(np.abs(logits_t).max()),
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+    }
+
+    print(
+        f"MiMo-V2-Flash forward, batch {a.batch} x seq {a.seq} = {tokens} tokens, "
+        f"hidden {a.hidden}, {a.layers} layers, {a.experts} experts top-{a.top_k}, "
+        f"window {a.window}, vocab {a.vocab}"
+    )
+    rows = [
+        (f"jax ({jax.default_backend()}, jit, moe {a.moe_impl})", jax_s),
+        (f"transformers (cpu eager, {torch.get_num_threads()} threads)", torch_s),
+    ]
+    print(f"{'implementation':<38} {'median s':>10} {'tokens/s':>10}")
+    for name, sec in rows:
+        print(f"{name:<38} {sec:>10.3f} {tokens / sec:>10.0f}")
+    print(
+        f"speedup jax / torch: {torch_s / jax_s:.2f}x   (jit compile + first run {compile_s:.1f}s)"
+    )
+    print(f"max |logits diff|: {max_diff:.3g}   (max |logits| {result['max_abs_logit']:.3g})")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

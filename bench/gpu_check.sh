@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One-shot GPU check for the Pallas flash attention (run from anywhere on an NVIDIA H200 box):
+#   (a) tests/test_attention_pallas.py compiled (MIMO_PALLAS_INTERPRET=0), not interpreted;
+#   (b) bench/attention_gpu.py: Pallas SWA fwd+bwd vs XLA dense-masked at T = 4K, 16K, 64K.
+# Every step has its own timeout so the whole script stays under 8 minutes; a failing step is
+# reported and the next one still runs. Results (log, JSON) go to $OUT if set, else bench/results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-bench/results}"
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export MIMO_PALLAS_INTERPRET=0
+# Keep XLA from grabbing 75% of HBM up front: the dense baseline and the tests share the device.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+SECONDS=0
+
+echo "== environment"
+if ! python -c "import jax, numpy, pytest" 2>/dev/null; then
+  echo "missing packages; trying pip install -r requirements.txt pytest"
+  timeout 120 pip install -q -r requirements.txt pytest || echo "pip install failed (offline?)"
+fi
+timeout 60 python - <<'PY' || echo "!! jax does not see a GPU"
+import jax
+print("jax", jax.__version__, "backend", jax.default_backend(), jax.devices())
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+echo "== (a) kernel tests, compiled (MIMO_PALLAS_INTERPRET=0)"
+timeout 200 python -m pytest tests/test_attention_pallas.py -q -rs --durations=5 \
+  -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" | tail -60
+echo "tests exit status: ${PIPESTATUS[0]} (124 = timed out)  [${SECONDS}s elapsed]"
+
+echo "== (b) benchmark"
+timeout $((450 - SECONDS > 30 ? 450 - SECONDS : 30)) python bench/attention_gpu.py \
+  --seq 4096,16384,65536 --iters 10 --json "$RESULTS/attention_gpu.json" \
+  2>"$RESULTS/attention_gpu.err" | tee "$RESULTS/attention_gpu.log"
+echo "benchmark exit status: ${PIPESTATUS[0]} (124 = timed out)  [${SECONDS}s elapsed]"
+echo "(tracebacks of failed rows: $RESULTS/attention_gpu.err; last lines below)"
+grep -E "Error|error:" "$RESULTS/attention_gpu.err" 2>/dev/null | tail -15

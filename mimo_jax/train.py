@@ -1,0 +1,424 @@
+"""Training: loss with MTP, AdamW, aux-loss-free expert balancing, checkpoints, metrics.
+
+``train_and_evaluate(config, workdir)`` is the library entry point behind ``main.py``. Batches are
+a pure function of (seed, step), so a resumed run replays exactly the batches (and losses) of an
+uninterrupted one; there is no iterator state to save.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from mimo_jax import checkpoint, data
+from mimo_jax.config import SPARSE, ModelConfig, from_config_dict
+from mimo_jax.model import MiMoV2Flash, ModelOutput
+
+# ---------------------------------------------------------------------------------------------
+# Loss.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean token cross-entropy over masked positions.
+
+    Args:
+      logits: [B, T, V] fp32.
+      labels: int [B, T].
+      mask: [B, T] 1 where the label counts.
+
+    Returns:
+      [] mean loss (nats).
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [B, T]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def compute_loss(
+    out: ModelOutput, labels: jax.Array, *, mtp_weight: float, aux_weight: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CE + (mtp_weight / D) * sum_k CE_k + aux_weight * sequence balance loss.
+
+    MTP depth k at position i predicts label i + k + 1 (token i + k + 2 of the input); the last
+    k + 1 positions of each row have no label and are masked out.
+
+    Args:
+      out: model output for inputs [B, T].
+      labels: int [B, T], the inputs shifted left by one.
+      mtp_weight: lambda, the total MTP loss weight.
+      aux_weight: weight of the sequence-wise balance loss (0 disables it).
+
+    Returns:
+      (total loss, metrics with ``ce``, ``mtp_ce_<k>``, ``aux_loss``).
+    """
+    b, t = labels.shape
+    ones = jnp.ones((b, t), jnp.float32)
+    ce = cross_entropy(out.logits, labels, ones)
+    metrics = {"ce": ce}
+    loss = ce
+    depth = len(out.mtp_logits)
+    for k, logits in enumerate(out.mtp_logits):
+        shifted = jnp.roll(labels, -(k + 1), axis=1)
+        mask = (jnp.arange(t) < t - (k + 1)).astype(jnp.float32)[None] * ones
+        mtp_ce = cross_entropy(logits, shifted, mask)
+        metrics[f"mtp_ce_{k}"] = mtp_ce
+        loss = loss + (mtp_weight / depth) * mtp_ce
+    aux = jnp.sum(out.aux["seq_aux_loss"])
+    metrics["aux_loss"] = aux
+    if aux_weight:
+        loss = loss + aux_weight * aux
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and balancing.
+
+
+def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to ``lr``, cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1),
+        end_value=tc.lr * tc.min_lr_ratio,
+    )
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only: not on norm scales or sink logits (biases are not Params)."""
+
+    def decays(path, _):
+        last = path[-1]
+        return getattr(last, "key", getattr(last, "name", None)) not in ("scale", "sinks")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(model: MiMoV2Flash, tc: ml_collections.ConfigDict) -> nnx.Optimizer:
+    """AdamW (b1, b2, eps, weight decay off norms/sinks) after global-norm clipping."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(
+            learning_rate_schedule(tc),
+            b1=tc.b1,
+            b2=tc.b2,
+            eps=tc.eps,
+            weight_decay=tc.weight_decay,
+            mask=_decay_mask,
+        ),
+    )
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def update_expert_bias(model: MiMoV2Flash, expert_load: jax.Array, rate: float) -> None:
+    """Aux-loss-free balancing: bias += rate * sign(mean load - load), per MoE layer.
+
+    Args:
+      model: updated in place (the router ``ExpertBias`` variables; never the gradients).
+      expert_load: [L, E] assignments per expert in the step's batch.
+      rate: update rate (1e-3 in pre-training).
+    """
+    for i, kind in enumerate(model.cfg.mlp_layer_types):
+        if kind != SPARSE:
+            continue
+        layer, r = model.layer(i)
+        load = expert_load[i]
+        delta = rate * jnp.sign(jnp.mean(load) - load)  # [E]
+        bias = layer.mlp.router.bias
+        bias.set_value(bias[...] + delta if r is None else bias[...].at[r].add(delta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict):
+    """A jitted ``(state, tokens [A, B, T + 1]) -> (state, metrics)`` over A accumulation steps."""
+    schedule = learning_rate_schedule(tc)
+
+    def loss_fn(model, tokens):
+        out = model(tokens[:, :-1])
+        loss, metrics = compute_loss(
+            out, tokens[:, 1:], mtp_weight=tc.mtp_loss_weight, aux_weight=tc.aux_loss_weight
+        )
+        return loss, (metrics, out.aux["expert_load"])
+
+    def step(state, tokens):
+        model, opt = nnx.merge(graphdef, state)
+        # Gradients of a pure function of the params: NNX objects must not cross into the scan.
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def pure_loss(params, batch):
+            return loss_fn(nnx.merge(model_def, params, rest), batch)
+
+        grad_fn = jax.value_and_grad(pure_loss, has_aux=True)
+
+        def micro(carry, batch):
+            (_, (metrics, load)), grads = grad_fn(params, batch)
+            return jax.tree.map(jnp.add, carry, (grads, metrics, load)), None
+
+        (_, (metrics0, load0)), grads0 = jax.eval_shape(grad_fn, params, tokens[0])
+        zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads0, metrics0, load0))
+        (grads, metrics, load), _ = jax.lax.scan(micro, zero, tokens)
+        n = tokens.shape[0]
+        grads = jax.tree.map(lambda g: g / n, grads)
+        metrics = jax.tree.map(lambda m: m / n, metrics)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["num_zeros"] = sum(jnp.sum(g == 0) for g in jax.tree.leaves(grads))
+        metrics["lr"] = schedule(opt.step[...])
+        opt.update(model, grads)
+        update_expert_bias(model, load, tc.bias_update_rate)
+        moe = jnp.array([k == SPARSE for k in cfg.mlp_layer_types])
+        imbalance = jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)  # [L]
+        metrics["load_max_over_mean"] = jnp.sum(jnp.where(moe, imbalance, 0)) / jnp.maximum(
+            jnp.sum(moe), 1
+        )
+        return nnx.state((model, opt)), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef):
+    """A jitted ``(model state, tokens [B, T + 1]) -> {ce, mtp_ce_k}`` (unweighted)."""
+
+    def step(state, tokens):
+        model = nnx.merge(graphdef, state)
+        out = model(tokens[:, :-1])
+        _, metrics = compute_loss(out, tokens[:, 1:], mtp_weight=0.0, aux_weight=0.0)
+        return metrics
+
+    return jax.jit(step)
+
+
+def evaluate(model: MiMoV2Flash, val_tokens: np.ndarray, ec, bytes_per_token: float) -> dict:
+    """Validation loss and bits per byte over fixed consecutive windows.
+
+    Returns:
+      ``val_loss`` (nats/token), ``val_bpb`` (= val_loss / ln 2 / bytes_per_token), per-depth
+      ``val_mtp_ce_<k>``.
+    """
+    graphdef, state = nnx.split(model)
+    step = make_eval_step(graphdef)
+    sums, n = {}, 0
+    for batch in data.eval_batches(
+        val_tokens, batch_size=ec.batch_size, seq_len=ec.seq_len, max_batches=ec.eval_batches
+    ):
+        m = step(state, jnp.asarray(batch))
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
+        n += 1
+    if not n:
+        raise ValueError("validation split too small for one eval batch (lower train.seq_len)")
+    out = {f"val_{k}": v / n for k, v in sums.items() if k != "aux_loss"}
+    out["val_loss"] = out.pop("val_ce")
+    out["val_bpb"] = out["val_loss"] / math.log(2) / bytes_per_token
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop.
+
+
+class MetricsWriter:
+    """Writes scalars to ``metrics.jsonl`` and TensorBoard event files under the workdir."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter  # noqa: PLC0415  (optional heavy import)
+
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig of a run; ``dtype="auto"`` means bf16 on accelerators, fp32 on CPU."""
+    d = config.model.to_dict()
+    if d.get("dtype") == "auto":
+        d["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return from_config_dict(d)
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"--workdir {workdir!r} is not writable: {e}") from e
+
+
+def _check_same_model(workdir: str, cfg: ModelConfig) -> None:
+    """Refuses to resume a workdir whose checkpoints belong to another architecture."""
+    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        return
+    saved = checkpoint.load_model_config(workdir)
+    structural = {"dtype", "attention_impl", "moe_impl", "remat"}
+    diff = [
+        f.name
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in structural and getattr(saved, f.name) != getattr(cfg, f.name)
+    ]
+    if diff:
+        raise ValueError(
+            f"{workdir} holds a run of a different model (fields {diff} differ from "
+            f"{checkpoint.CONFIG_FILE}); use a new --workdir"
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from the latest checkpoint in ``workdir``), evaluates, prints a sample.
+
+    Args:
+      config: ml_collections config (see ``configs/``).
+      workdir: run directory for checkpoints, metrics and the model config.
+
+    Returns:
+      The last logged metrics (train and validation).
+    """
+    tc = config.train
+    cfg = model_config(config)
+    _check_workdir(workdir)
+    _check_same_model(workdir, cfg)
+    tokenizer = data.load_tokenizer(config.data.tokenizer or None)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={cfg.vocab_size} < tokenizer vocab {tokenizer.vocab_size}"
+        )
+    splits = data.load_tokens(config.data)
+    bpt = data.bytes_per_token(splits.validation[:100_000], tokenizer)
+
+    model = MiMoV2Flash(cfg, rngs=nnx.Rngs(config.seed))
+    opt = make_optimizer(model, tc)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        start = ckpt.restore(model, opt)
+        logging.info("resumed from step %d in %s", start, workdir)
+    else:
+        checkpoint.save_model_config(workdir, cfg)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    logging.info("model: %.2fM parameters, %d layers, plan %s", n_params / 1e6, cfg.num_layers,
+                 model.plan)  # fmt: skip
+
+    graphdef, state = nnx.split((model, opt))
+    train_step = make_train_step(graphdef, cfg, tc)
+    writer = MetricsWriter(workdir)
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    last: dict[str, float] = {}
+    t0, window_steps = time.perf_counter(), 0
+    for step in range(start, tc.steps):
+        batch = np.stack(
+            [
+                data.get_batch(
+                    splits.train,
+                    batch_size=tc.batch_size,
+                    seq_len=tc.seq_len,
+                    seed=config.seed,
+                    step=step * tc.grad_accum + a,
+                )
+                for a in range(tc.grad_accum)
+            ]
+        )  # [A, B, T + 1]
+        state, metrics = train_step(state, jnp.asarray(batch))
+        window_steps += 1
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t0
+            metrics["tokens_per_sec"] = window_steps * tokens_per_step / dt
+            t0, window_steps = time.perf_counter(), 0
+            if done % tc.eval_every == 0 or done == tc.steps:
+                nnx.update((model, opt), state)
+                metrics.update(evaluate(model, splits.validation, tc, bpt))
+                t0 = time.perf_counter()  # evaluation time is not training throughput
+            writer.write(done, metrics)
+            last = metrics
+            logging.info(_progress_line(done, tc.steps, metrics))
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            nnx.update((model, opt), state)
+            ckpt.save(done, model, opt)
+    nnx.update((model, opt), state)
+    ckpt.close()
+    writer.close()
+    if tc.sample_len:
+        prompt = tokenizer.encode(tc.sample_prompt)
+        text = tokenizer.decode(sample(model, prompt, tc.sample_len, temperature=0.8, seed=0))
+        logging.info("sample:\n%s%s", tc.sample_prompt, text)
+        print(f"--- sample ---\n{tc.sample_prompt}{text}\n--------------", flush=True)
+    return last
+
+
+def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
+    mtp = "/".join(f"{m[k]:.3f}" for k in sorted(m) if k.startswith("mtp_ce_"))
+    line = (
+        f"step {step}/{total} | loss {m['ce']:.4f} | mtp {mtp or '-'} | gnorm {m['grad_norm']:.3f}"
+        f" | lr {m['lr']:.2e} | {m['tokens_per_sec']:.0f} tok/s"
+        f" | load max/mean {m['load_max_over_mean']:.2f} | zeros {m['num_zeros']:.0f}"
+    )
+    if "val_loss" in m:
+        line += f" | val {m['val_loss']:.4f} ({m['val_bpb']:.3f} bpb)"
+    return line
+
+
+def sample(model: MiMoV2Flash, prompt: np.ndarray, n: int, *, temperature: float, seed: int):
+    """Samples ``n`` tokens after ``prompt`` without a KV cache (full forward per token).
+
+    Args:
+      model: the model.
+      prompt: int [T0] prompt tokens (non-empty).
+      n: tokens to generate.
+      temperature: softmax temperature; 0 is greedy.
+      seed: sampling seed.
+
+    Returns:
+      int32 [n] new tokens.
+    """
+    length = len(prompt) + n
+    buf = jnp.zeros((1, length), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, buf, pos, key):
+        logits = nnx.merge(graphdef, state)(buf, mtp=False).logits[0, pos - 1]  # [V]
+        if temperature == 0:
+            return jnp.argmax(logits).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+
+    key = jax.random.key(seed)
+    for pos in range(len(prompt), length):
+        key, sub = jax.random.split(key)
+        buf = buf.at[0, pos].set(step(state, buf, pos, sub))
+    return np.asarray(buf[0, len(prompt) :])
+
+
+def eval_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Validation loss and bits per byte of the latest checkpoint in ``workdir``."""
+    model = checkpoint.load_model(workdir, dtype=model_config(config).dtype)
+    tokenizer = data.load_tokenizer(config.data.tokenizer or None)
+    splits = data.load_tokens(config.data)
+    return evaluate(
+        model, splits.validation, config.train,
+        data.bytes_per_token(splits.validation[:100_000], tokenizer),
+    )  # fmt: skip

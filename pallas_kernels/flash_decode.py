@@ -1,0 +1,273 @@
+"""Pallas decode / verify attention over a KV cache whose slots carry absolute positions.
+
+A few new queries (T = 1 for plain decode, 2..5 for speculative verify) attend to a cache of S
+slots. Slot positions come from ``kv_positions`` (negative = empty), so a ring buffer of
+``sliding_window + 4`` slots, whose positions are not sorted, works unchanged: visibility is the
+``reference.visibility_mask`` rule evaluated per (query, slot) from the positions, never from
+slot order.
+
+All G query heads of a kv head and all T queries are stacked into the rows of one tile
+([G * T, H], row r = g * T + t), so each kv block is read once per kv head and the matmuls have
+G * T rows instead of T. Each program folds the cache blocks with the same online-softmax step as
+the prefill kernel (``flash._online_softmax_step``), the running max starting at the row's sink.
+The cache is small (a window or one sequence), so every block is visited; there is no window
+skipping here because slot order says nothing about position.
+
+Forward only: serving does not differentiate through the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import flash
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeConfig:
+    causal: bool
+    window: int | None
+    scale: float
+    has_sinks: bool
+    block_kv: int
+    interpret: bool
+    mode: flash.Mode
+
+
+def flash_decode_kernel(
+    sinks_ref,  # [R, 1] f32 or None
+    q_pos_ref,  # [R, 1] int32
+    kv_pos_ref,  # [1, bk] int32
+    q_ref,  # [R, H]
+    k_ref,  # [bk, H]
+    v_ref,  # [bk, P]
+    o_ref,  # [R, P]
+    m_scratch,  # [R, 1] f32
+    l_scratch,  # [R, 1] f32
+    acc_scratch,  # [R, P] f32
+    *,
+    cfg: _DecodeConfig,
+):
+    """Grid schedule: program (b, kh, j) folds cache block j into the rows of kv head kh."""
+    j = pl.program_id(2)
+    rows = q_ref.shape[0]
+
+    @pl.when(j == 0)
+    def _init():
+        m, l = flash._init_stats(None if sinks_ref is None else sinks_ref[...], rows)
+        m_scratch[...] = m
+        l_scratch[...] = l
+        acc_scratch[...] = jnp.zeros_like(acc_scratch)
+
+    mask = flash.visible(q_pos_ref[...], kv_pos_ref[...], causal=cfg.causal, window=cfg.window)
+    m, l, acc = flash._online_softmax_step(
+        q_ref[...],
+        k_ref[...],
+        v_ref[...],
+        mask,
+        m_scratch[...],
+        l_scratch[...],
+        acc_scratch[...],
+        scale=cfg.scale,
+    )
+    m_scratch[...] = m
+    l_scratch[...] = l
+    acc_scratch[...] = acc
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _store():
+        o, _ = flash._finalize(m_scratch[...], l_scratch[...], acc_scratch[...])
+        o_ref[...] = o.astype(o_ref.dtype)
+
+
+def flash_decode_loop_kernel(
+    sinks_ref,  # [R, 1] f32 or None
+    q_pos_ref,  # [R, 1] int32
+    kv_pos_ref,  # [1, Sp] int32
+    q_ref,  # [R, H]
+    k_ref,  # [Sp, H]
+    v_ref,  # [Sp, P]
+    o_ref,  # [R, P]
+    *,
+    cfg: _DecodeConfig,
+):
+    """Loop schedule: program (b, kh) loops over all cache blocks."""
+    bk = cfg.block_kv
+    rows = q_ref.shape[0]
+    q, q_pos = q_ref[...], q_pos_ref[...]
+
+    def body(ki, carry):
+        cols = pl.ds(ki * bk, bk)
+        mask = flash.visible(q_pos, kv_pos_ref[:, cols], causal=cfg.causal, window=cfg.window)
+        return flash._online_softmax_step(
+            q, k_ref[cols, :], v_ref[cols, :], mask, *carry, scale=cfg.scale
+        )
+
+    m, l = flash._init_stats(None if sinks_ref is None else sinks_ref[...], rows)
+    acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
+    m, l, acc = lax.fori_loop(0, k_ref.shape[0] // bk, body, (m, l, acc))
+    o, _ = flash._finalize(m, l, acc)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _decode_call(sinks, q_pos, kv_pos, q, k, v, cfg: _DecodeConfig):
+    """Runs the decode kernel on stacked operands.
+
+    Args:
+      sinks: [K, R, 1] f32 per-row sink logits.
+      q_pos: [B, R, 1] int32 per-row query positions.
+      kv_pos: [B, 1, Sp] int32 slot positions, -1 for empty and padded slots.
+      q: [B, K, R, Hp] rows of the G heads x T queries of each kv head.
+      k: [B, K, Sp, Hp]; v: [B, K, Sp, Pp].
+      cfg: static configuration.
+
+    Returns:
+      [B, K, R, Pp] in q's dtype.
+    """
+    b, kv_heads, r, hp = q.shape
+    sp, pp = k.shape[2], v.shape[3]
+    bk = cfg.block_kv
+    if cfg.mode == "grid":
+        grid = (b, kv_heads, sp // bk)
+        in_specs = [
+            pl.BlockSpec((None, r, 1), lambda bi, kh, j: (kh, 0, 0)),
+            pl.BlockSpec((None, r, 1), lambda bi, kh, j: (bi, 0, 0)),
+            pl.BlockSpec((None, 1, bk), lambda bi, kh, j: (bi, 0, j)),
+            pl.BlockSpec((None, None, r, hp), lambda bi, kh, j: (bi, kh, 0, 0)),
+            pl.BlockSpec((None, None, bk, hp), lambda bi, kh, j: (bi, kh, j, 0)),
+            pl.BlockSpec((None, None, bk, pp), lambda bi, kh, j: (bi, kh, j, 0)),
+        ]
+        out_spec = pl.BlockSpec((None, None, r, pp), lambda bi, kh, j: (bi, kh, 0, 0))
+        scratch_shapes = [
+            flash.scratch((r, 1)),
+            flash.scratch((r, 1)),
+            flash.scratch((r, pp)),
+        ]
+        kernel = flash_decode_kernel
+        semantics = ("parallel", "parallel", "arbitrary")
+    else:
+        grid = (b, kv_heads)
+        in_specs = [
+            pl.BlockSpec((None, r, 1), lambda bi, kh: (kh, 0, 0)),
+            pl.BlockSpec((None, r, 1), lambda bi, kh: (bi, 0, 0)),
+            pl.BlockSpec((None, 1, sp), lambda bi, kh: (bi, 0, 0)),
+            pl.BlockSpec((None, None, r, hp), lambda bi, kh: (bi, kh, 0, 0)),
+            pl.BlockSpec((None, None, sp, hp), lambda bi, kh: (bi, kh, 0, 0)),
+            pl.BlockSpec((None, None, sp, pp), lambda bi, kh: (bi, kh, 0, 0)),
+        ]
+        out_spec = pl.BlockSpec((None, None, r, pp), lambda bi, kh: (bi, kh, 0, 0))
+        scratch_shapes = []
+        kernel = flash_decode_loop_kernel
+        semantics = ("parallel", "parallel")
+    operands = [sinks, q_pos, kv_pos, q, k, v]
+    if cfg.has_sinks:
+        body = functools.partial(kernel, cfg=cfg)
+    else:
+        operands, in_specs = operands[1:], in_specs[1:]
+        body = functools.partial(kernel, None, cfg=cfg)
+    return pl.pallas_call(
+        body,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((b, kv_heads, r, pp), q.dtype),
+        scratch_shapes=scratch_shapes,
+        compiler_params=flash.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
+        interpret=cfg.interpret,
+        name="mimo_flash_decode",
+    )(*operands)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _decode(q, k, v, sinks, q_positions, kv_positions, cfg: _DecodeConfig):
+    b, t, n, h = q.shape
+    s, kv_heads, p = k.shape[1], k.shape[2], v.shape[3]
+    g = n // kv_heads
+    r = g * t
+    # Row tiles: 8 sublanes on TPU; power-of-two tiles of at least 16 rows for Triton's dot.
+    r_mult = 8 if cfg.mode == "grid" else max(16, 1 << (r - 1).bit_length())
+    hm, pm = flash.head_dim_multiple(cfg.mode, h), flash.head_dim_multiple(cfg.mode, p)
+    qr = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, r, h)
+    qr = flash._pad_axis(flash._pad_axis(qr, 2, r_mult), 3, hm)  # [B, K, Rp, Hp]
+    rp = qr.shape[2]
+    q_pos = jnp.tile(q_positions.astype(jnp.int32), (1, g))  # [B, G * T], row g * T + t
+    q_pos = jnp.pad(q_pos, ((0, 0), (0, rp - r)), constant_values=-1)[..., None]  # [B, Rp, 1]
+    row_sinks = flash.sinks_operand(sinks, n).reshape(kv_heads, g, 1)
+    row_sinks = jnp.repeat(row_sinks, t, axis=1)  # [K, G * T, 1]
+    row_sinks = jnp.pad(row_sinks, ((0, 0), (0, rp - r), (0, 0)))  # [K, Rp, 1]
+    kv_pos = kv_positions.astype(jnp.int32)
+    kv_pos = jnp.pad(kv_pos, ((0, 0), (0, (-s) % cfg.block_kv)), constant_values=-1)[:, None]
+    kk = flash.to_kernel_layout(k, cfg.block_kv, hm)  # [B, K, Sp, Hp]
+    vk = flash.to_kernel_layout(v, cfg.block_kv, pm)  # [B, K, Sp, Pp]
+    o = _decode_call(row_sinks, q_pos, kv_pos, qr, kk, vk, cfg)  # [B, K, Rp, Pp]
+    o = o[:, :, :r, :p].reshape(b, kv_heads, g, t, p)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, p)  # [B, T, N, P]
+
+
+def _decode_fwd(q, k, v, sinks, q_positions, kv_positions, cfg):
+    return _decode(q, k, v, sinks, q_positions, kv_positions, cfg), None
+
+
+def _decode_bwd(cfg, res, do):
+    raise NotImplementedError(
+        "The Pallas decode kernel (q_positions / kv_positions given) is forward-only; "
+        "differentiate with implementation='xla' or without explicit positions."
+    )
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    *,
+    sinks: jax.Array | None = None,
+    sliding_window: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    block_sizes: flash.BlockSizes | None = None,
+    interpret: bool | None = None,
+    mode: flash.Mode | None = None,
+) -> jax.Array:
+    """Attention of a few new queries to a position-tagged KV cache (forward only).
+
+    Args:
+      q: [B, T, N, H] new queries (T small: 1 for decode, a few for speculative verify).
+      k: [B, S, K, H] cache keys; v: [B, S, K, P] cache values.
+      q_positions: int [B, T] absolute positions of the queries.
+      kv_positions: int [B, S] absolute positions of the slots, negative for empty slots.
+      sinks: optional [N] sink logits.
+      sliding_window, causal, scale: as ``pallas_kernels.attention``.
+      block_sizes: uses ``block_kv_decode`` (cache slots per tile).
+      interpret, mode: as ``flash.flash_attention``.
+
+    Returns:
+      [B, T, N, P] in q's dtype; rows with nothing visible and no sink are 0.
+    """
+    block_sizes = block_sizes or flash.BlockSizes.get_default()
+    mode = flash.resolve_mode(mode)
+    block_kv = block_sizes.block_kv_decode
+    if mode == "loop" and block_kv & (block_kv - 1):
+        raise ValueError(f"loop (Triton) mode needs a power-of-two block_kv_decode, got {block_kv}")
+    cfg = _DecodeConfig(
+        causal=causal,
+        window=sliding_window,
+        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+        has_sinks=sinks is not None,
+        block_kv=block_kv,
+        interpret=flash.resolve_interpret(interpret),
+        mode=mode,
+    )
+    if sinks is None:
+        sinks = jnp.zeros((q.shape[2],), jnp.float32)
+    return _decode(q, k, v, sinks, q_positions, kv_positions, cfg)

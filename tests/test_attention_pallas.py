@@ -1,0 +1,273 @@
+"""Pallas flash attention vs the fp32 reference: forward, dq, dk, dv, dsinks, and decode.
+
+On CPU the kernels run in Pallas interpret mode (chosen automatically); on an accelerator set
+``MIMO_PALLAS_INTERPRET=0`` to run them compiled (see ``bench/gpu_check.sh``). Dimensions are tiny
+and prime-ish, tiles are 16 so every case spans several q and kv blocks and windows cut blocks.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import attention, attention_reference, flash
+from pallas_kernels.reference import visibility_mask
+
+BLOCKS = flash.BlockSizes.uniform(16)
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_reference():
+    # On GPU, XLA would run the fp32 reference's einsums in TF32; compare against true fp32.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_interpret_compiles():
+    # Interpreted kernels are large HLO programs that run for milliseconds; XLA's optimisation
+    # passes dominate the test time, so skip them (only when interpreting).
+    name = "jax_disable_most_optimizations"
+    old = jax.config.values.get(name)
+    if old is None or not flash.resolve_interpret():
+        yield  # compiled kernels: keep XLA's defaults (and tolerate the flag going away)
+        return
+    jax.config.update(name, True)
+    try:
+        yield
+    finally:
+        jax.config.update(name, old)
+
+
+def _skip_if_not_runnable(mode):
+    """Compiled kernels exist per backend: "grid" on TPU, "loop" (Triton) on GPU."""
+    if mode is None or flash.resolve_interpret():
+        return
+    native = flash.resolve_mode()
+    if mode != native:
+        pytest.skip(f"mode {mode!r} is not compiled on {jax.default_backend()} ({native!r} is)")
+
+
+def _assert_close(got, want, tol, name):
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    want = np.asarray(jnp.asarray(want, jnp.float32))
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    assert np.all(np.isfinite(got)), f"{name}: non-finite values in the Pallas result"
+    diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+    assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.0e}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    b: int = 1
+    t: int = 37
+    s: int | None = None  # None: S = T
+    n: int = 4
+    k: int = 2
+    h: int = 24
+    p: int = 16
+    window: int | None = 13
+    sinks: bool = True
+    causal: bool = True
+    dtype: type = jnp.float32
+    mode: str | None = None  # None: the backend's default schedule
+    blocks: flash.BlockSizes = BLOCKS
+
+
+CASES = {
+    "swa_sinks_gqa_t_not_multiple": Case(t=67),
+    "global_sinks_mha_batch2_t_lt_s": Case(b=2, t=37, s=53, k=4, window=None),
+    "swa_sinks_mqa": Case(t=45, k=1, window=20),
+    "window_larger_than_t": Case(t=37, window=100, sinks=False),
+    "t1_swa_sinks": Case(t=1, s=37, k=4, window=5),
+    "swa_non_causal": Case(t=37, window=7, causal=False),
+    "mixed_tiles_t_lt_s_g3": Case(
+        t=50, s=61, n=6, k=2, window=17, blocks=flash.BlockSizes(16, 32, 32, 16, 16)
+    ),
+    "bf16_swa_sinks_gqa": Case(t=45, dtype=jnp.bfloat16),
+    "loop_swa_sinks_gqa": Case(b=2, t=45, mode="loop"),
+    "loop_bf16_global_mqa": Case(
+        t=37, k=1, window=None, sinks=False, dtype=jnp.bfloat16, mode="loop"
+    ),
+}
+
+
+def _inputs(c: Case, seed=0):
+    s = c.t if c.s is None else c.s
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(ks[0], (c.b, c.t, c.n, c.h), jnp.float32).astype(c.dtype)
+    k = jax.random.normal(ks[1], (c.b, s, c.k, c.h), jnp.float32).astype(c.dtype)
+    v = jax.random.normal(ks[2], (c.b, s, c.k, c.p), jnp.float32).astype(c.dtype)
+    sinks = jax.random.normal(ks[3], (c.n,), jnp.float32)
+    ct = jax.random.normal(ks[4], (c.b, c.t, c.n, c.p), jnp.float32).astype(c.dtype)
+    return q, k, v, sinks, ct
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_match_reference(name):
+    c = CASES[name]
+    _skip_if_not_runnable(c.mode)
+    q, k, v, sinks, ct = _inputs(c)
+
+    def run(fn):
+        def f(q, k, v, sinks):
+            return fn(
+                q,
+                k,
+                v,
+                sinks=sinks if c.sinks else None,
+                sliding_window=c.window,
+                causal=c.causal,
+            )
+
+        o, vjp = jax.vjp(f, q, k, v, sinks)
+        return (o, *vjp(ct))
+
+    pallas = jax.jit(
+        lambda: run(
+            lambda *a, **kw: flash.attention_pallas(*a, **kw, block_sizes=c.blocks, mode=c.mode)
+        )
+    )()
+    ref = jax.jit(lambda: run(attention_reference))()
+    tol = TOL[c.dtype]
+    for label, got, want in zip(("out", "dq", "dk", "dv", "dsinks"), pallas, ref, strict=True):
+        if label == "dsinks" and not c.sinks:
+            continue
+        _assert_close(got, want, tol, f"{name} {label}")
+
+
+def test_front_door_uses_pallas():
+    c = Case(t=21, window=9)
+    q, k, v, sinks, _ = _inputs(c, seed=3)
+    kw = dict(sinks=sinks, sliding_window=c.window)
+    got = attention(q, k, v, **kw, implementation="pallas")  # default (accelerator) tile sizes
+    want = jax.jit(lambda q, k, v: attention_reference(q, k, v, **kw))(q, k, v)
+    _assert_close(got, want, TOL[c.dtype], "front door")
+
+
+def _ring_cache(b, window, t, seed):
+    """Positions of a ring of W + 4 slots after writing positions 0 .. 3W - 1 (wrapped 3 times)."""
+    slots = window + 4
+    kv_pos = np.full((b, slots), -1, np.int32)
+    for pos in range(3 * window):
+        kv_pos[:, pos % slots] = pos
+    kv_pos[1:, (3 * window - 7) % slots] = -1  # an evicted/empty slot inside the window
+    q_pos = np.broadcast_to(np.arange(3 * window - t, 3 * window, dtype=np.int32), (b, t))
+    return jnp.asarray(q_pos), jnp.asarray(kv_pos)
+
+
+@pytest.mark.parametrize(
+    "mode, t, kv_heads, window, sinks, dtype",
+    [
+        (None, 3, 2, 29, True, jnp.float32),
+        (None, 5, 4, 29, True, jnp.bfloat16),
+        ("loop", 1, 1, 29, False, jnp.float32),
+    ],
+)
+def test_decode_over_wrapped_ring_buffer(mode, t, kv_heads, window, sinks, dtype):
+    _skip_if_not_runnable(mode)
+    b, n, h, p = 2, 4, 24, 16
+    q_pos, kv_pos = _ring_cache(b, window, t, seed=1)
+    ks = jax.random.split(jax.random.key(1), 4)
+    slots = kv_pos.shape[1]
+    q = jax.random.normal(ks[0], (b, t, n, h), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, slots, kv_heads, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, slots, kv_heads, p), jnp.float32).astype(dtype)
+    kw = dict(
+        sinks=jax.random.normal(ks[3], (n,)) if sinks else None,
+        sliding_window=window,
+        q_positions=q_pos,
+        kv_positions=kv_pos,
+    )
+    # The ring really is unsorted and the window really cuts it.
+    assert np.any(np.diff(np.asarray(kv_pos[0])) < 0)
+    mask = visibility_mask(q_pos, kv_pos, causal=True, sliding_window=window)
+    assert 0 < int(mask[0, -1].sum()) < slots
+    got = jax.jit(
+        lambda q, k, v: flash.attention_pallas(q, k, v, **kw, block_sizes=BLOCKS, mode=mode)
+    )(q, k, v)
+    want = jax.jit(lambda q, k, v: attention_reference(q, k, v, **kw))(q, k, v)
+    _assert_close(got, want, TOL[dtype], "decode")
+
+
+def test_decode_rows_with_nothing_visible_are_zero():
+    # A cache with no slot at or before the query and no sink: the reference gives 0, not NaN.
+    b, t, n, h, p = 1, 2, 2, 24, 16
+    q = jnp.ones((b, t, n, h))
+    k = jnp.ones((b, 16, 1, h))
+    v = jnp.ones((b, 16, 1, p))
+    q_pos = jnp.array([[3, 40]], jnp.int32)
+    kv_pos = jnp.where(jnp.arange(16) < 8, 10 + jnp.arange(16), -1)[None].astype(jnp.int32)
+    kw = dict(sliding_window=8, q_positions=q_pos, kv_positions=kv_pos)
+    got = jax.jit(lambda q, k, v: flash.attention_pallas(q, k, v, **kw, block_sizes=BLOCKS))(
+        q, k, v
+    )
+    want = jax.jit(lambda q, k, v: attention_reference(q, k, v, **kw))(q, k, v)
+    _assert_close(got, want, 1e-6, "empty rows")
+    assert float(jnp.max(jnp.abs(got[:, 0]))) == 0.0
+
+
+def test_decode_gradient_is_not_implemented():
+    q = jnp.ones((1, 1, 2, 24))
+    k = jnp.ones((1, 16, 1, 24))
+    v = jnp.ones((1, 16, 1, 16))
+    pos = dict(q_positions=jnp.array([[5]]), kv_positions=jnp.arange(16)[None])
+
+    def loss(q):
+        return flash.attention_pallas(q, k, v, **pos, block_sizes=BLOCKS).sum()
+
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        jax.grad(loss)(q)
+
+
+@pytest.mark.parametrize("window", [None, 129])
+def test_grid_visits_only_window_blocks(window):
+    """The helpers that size the kernels' grids and loop bounds cover exactly the visible blocks,
+    and for SWA that is O(T * W), far fewer than all blocks."""
+    t = s = 2048
+    bq = bk = 128
+    kw = dict(block_q=bq, block_kv=bk, q_len=t, kv_len=s, causal=True, window=window)
+    nq, nk = t // bq, s // bk
+    lo, hi = flash.kv_block_bounds(np.arange(nq), **kw, xp=np)
+    visited = int(np.sum(hi - lo + 1))
+    # Brute force: a block pair is needed iff some (query, key) pair in it is visible.
+    pos = jnp.arange(t)[None]
+    vis = visibility_mask(pos, pos, causal=True, sliding_window=window)[0]
+    needed = np.asarray(vis).reshape(nq, bq, nk, bk).any(axis=(1, 3))  # [nq, nk]
+    for qi in range(nq):
+        assert np.flatnonzero(needed[qi]).tolist() == list(range(lo[qi], hi[qi] + 1))
+    steps = flash.num_kv_steps(**kw)
+    if window is None:
+        assert visited == nq * (nq + 1) // 2  # causal triangle
+    else:
+        assert steps == 2  # (bq + W - 1) / bk rounded up: the grid's kv axis is 2 blocks wide
+        assert visited < 2 * nq < nq * nk
+    # The dk/dv kernel's q-block bounds are the transpose of the same relation.
+    qlo, qhi = flash.q_block_bounds(np.arange(nk), **kw, xp=np)
+    for ki in range(nk):
+        assert np.flatnonzero(needed[:, ki]).tolist() == list(range(qlo[ki], qhi[ki] + 1))
+
+
+def test_block_bounds_with_padding_and_offsets():
+    # T < S (queries are the last T keys), T and S not tile multiples, window not tile aligned.
+    t, s, bq, bk, window = 37, 53, 16, 16, 13
+    kw = dict(block_q=bq, block_kv=bk, q_len=t, kv_len=s, causal=True, window=window)
+    vis = np.asarray(
+        visibility_mask(
+            jnp.arange(s - t, s)[None], jnp.arange(s)[None], causal=True, sliding_window=window
+        )[0]
+    )
+    vis = np.pad(vis, ((0, (-t) % bq), (0, (-s) % bk)))
+    needed = vis.reshape(-1, bq, vis.shape[1] // bk, bk).any(axis=(1, 3))
+    lo, hi = flash.kv_block_bounds(np.arange(needed.shape[0]), **kw, xp=np)
+    for qi in range(needed.shape[0]):
+        assert np.flatnonzero(needed[qi]).tolist() == list(range(lo[qi], hi[qi] + 1))
+
+
+def test_block_sizes_validation():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        flash.BlockSizes(block_q=12)
+    assert flash.BlockSizes.get_default().block_kv == 128

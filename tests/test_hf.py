@@ -1,0 +1,797 @@
+"""Checkpoint I/O (mimo_jax.hf) against transformers' MiMoV2FlashForCausalLM and the hub format.
+
+Covers: logits parity after importing a random tiny transformers model, export that
+transformers loads with the same logits, bit-exact import/export round trips including the MTP
+blocks, sharded export, FP8 block-quantized import, rejection of malformed checkpoints and
+configs (the error names the culprit), atomic export, and the hub ``config.json`` dialect.
+Everything is tiny, fp32 and on CPU; nothing is downloaded.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
+import mimo_jax
+from mimo_jax import hf
+from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE, ModelConfig
+
+# One compiled function per model structure; the jit cache is shared by all tests.
+_logits = jax.jit(lambda m, ids: m(ids, mtp=False).logits)
+_outputs = jax.jit(lambda m, ids: m(ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _assert_close(got, want, atol, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.isfinite(got).all(), f"{what}: non-finite values in ours"
+    assert np.isfinite(want).all(), f"{what}: non-finite values in the reference"
+    diff = np.abs(got - want).max()
+    assert diff <= atol, (
+        f"{what}: max abs diff {diff:.3g} > {atol:g} (max |ref| {np.abs(want).max():.3g})"
+    )
+
+
+def _flat_state(model) -> dict[tuple, np.ndarray]:
+    return {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _assert_states_equal(a, b):
+    sa, sb = _flat_state(a), _flat_state(b)
+    assert sa.keys() == sb.keys(), f"state paths differ: {sorted(set(sa) ^ set(sb))[:5]}"
+    for path in sa:
+        x, y = sa[path], sb[path]
+        assert x.dtype == y.dtype, f"{path}: dtype {x.dtype} != {y.dtype}"
+        assert np.array_equal(x, y), (
+            f"{path}: not bit-exact, max diff {np.abs(x.astype(np.float64) - y).max():.3g}"
+        )
+
+
+def _random_model(cfg: ModelConfig, seed: int) -> mimo_jax.MiMoV2Flash:
+    """A model with every parameter random, norms, sinks and router bias included.
+
+    Filled from numpy into an abstract model (as load_hf does): building eagerly compiles one
+    small XLA program per initialiser shape, which costs tens of seconds on a busy 2-core CPU.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        kind = path[-1]
+        if kind == "scale":
+            x = 1.0 + 0.2 * rng.standard_normal(var.shape)
+        else:
+            std = {"sinks": 0.5, "bias": 0.1}.get(kind, cfg.initializer_range)
+            x = std * rng.standard_normal(var.shape)
+        var.set_value(jnp.asarray(x, var.dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _read_dir(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (all shards)."""
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def _write_dir(path, tensors: dict[str, torch.Tensor], config: dict):
+    """A single-file checkpoint (no index) as transformers writes small models."""
+    os.makedirs(path)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _config(path) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def _assert_checkpoints_equal(d1, d2):
+    with open(os.path.join(d1, hf.INDEX_FILE)) as f1, open(os.path.join(d2, hf.INDEX_FILE)) as f2:
+        m1, m2 = json.load(f1)["weight_map"], json.load(f2)["weight_map"]
+    assert m1.keys() == m2.keys(), f"tensor names differ: {sorted(set(m1) ^ set(m2))[:5]}"
+    for name in m1:
+        with (
+            safe_open(os.path.join(d1, m1[name]), "numpy") as a,
+            safe_open(os.path.join(d2, m2[name]), "numpy") as b,
+        ):
+            x, y = a.get_tensor(name), b.get_tensor(name)
+        assert x.dtype == y.dtype and x.shape == y.shape, (
+            f"{name}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
+        )
+        assert np.array_equal(x, y), f"{name}: not bit-exact"
+    assert _config(d1) == _config(d2)
+
+
+def _layers(spec: str) -> tuple[list[str], list[str]]:
+    """'FD SS SS' -> layer_types, mlp_layer_types (F/S attention, D/S mlp)."""
+    pairs = spec.split()
+    return (
+        [FULL if p[0] == "F" else SLIDING for p in pairs],
+        [DENSE if p[1] == "D" else SPARSE for p in pairs],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. transformers -> ours: logits parity.
+
+PARITY_CASES = {
+    # kv 1 (SWA kv 2), tiny window, trivial groups, renormalised gates.
+    "kv1_w5_groups1": dict(
+        layers="FD SS SS FS",
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=24,
+        v_head_dim=16,
+        partial_rotary_factor=0.334,
+        sliding_window=5,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=True,
+        seq=19,
+    ),
+    # kv 2 (SWA kv 4), 4 groups keep 2, unnormalised scaled gates, SWA runs between globals and
+    # two dense layers (one of them mid-stack).
+    "kv2_w7_groups4of2_two_dense": dict(
+        layers="FD SS SD SS FS SS",
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        v_head_dim=12,
+        partial_rotary_factor=0.5,
+        sliding_window=7,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=False,
+        seq=23,
+    ),
+    # 8 layers so the scanned stack (and unrolled layers around it) is exercised.
+    "kv2_w12_groups2of1_scanned": dict(
+        layers="FD SS FS SS FS SS FS SS",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        v_head_dim=16,
+        partial_rotary_factor=0.334,
+        sliding_window=12,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        seq=23,
+        scanned=True,
+    ),
+}
+
+
+def _torch_model(case: dict, seed: int) -> MiMoV2FlashForCausalLM:
+    case = dict(case)
+    layer_types, mlp_layer_types = _layers(case.pop("layers"))
+    case.pop("seq"), case.pop("scanned", None)
+    prf = case.pop("partial_rotary_factor")
+    cfg = MiMoV2FlashConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=len(layer_types),
+        layer_types=layer_types,
+        mlp_layer_types=mlp_layer_types,
+        rope_parameters={
+            FULL: {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": prf},
+            SLIDING: {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": prf},
+        },
+        attention_value_scale=0.707,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        # Larger than the default 0.02 so logits are O(1) and routing is not a near-tie lottery.
+        initializer_range=0.1,
+        attn_implementation="eager",
+        **case,
+    )
+    torch.manual_seed(seed)
+    model = MiMoV2FlashForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("name", list(PARITY_CASES))
+def test_import_matches_transformers(name, tmp_path):
+    case = PARITY_CASES[name]
+    tm = _torch_model(case, seed=len(name))
+    tm.save_pretrained(tmp_path)
+    model = hf.load_hf(str(tmp_path))
+
+    cfg = model.cfg
+    assert (cfg.param_dtype, cfg.num_mtp_layers) == ("float32", 0)
+    assert cfg.sliding_window == case["sliding_window"] < case["seq"]
+    assert cfg.num_expert_groups == case["n_group"] and cfg.topk_groups == case["topk_group"]
+    assert cfg.routed_scaling_factor == case["routed_scaling_factor"]
+    assert cfg.norm_topk_prob == case["norm_topk_prob"]
+    assert cfg.swa_num_kv_heads == 2 * case["num_key_value_heads"]
+    assert (list(cfg.layer_types), list(cfg.mlp_layer_types)) == _layers(case["layers"])
+    if case.get("scanned"):
+        assert mimo_jax.layer_plan(cfg).repeats >= 2, mimo_jax.layer_plan(cfg)
+
+    ids = np.random.default_rng(0).integers(0, 128, (2, case["seq"]))
+    with torch.no_grad():
+        want = tm(torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+    got = _logits(model, jnp.asarray(ids))
+    _assert_close(got, want, 1e-4, f"{name} logits vs transformers")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. ours -> transformers.
+
+
+def test_export_loads_in_transformers(tmp_path):
+    cfg = mimo_jax.tiny(num_layers=7, num_mtp_layers=1, sliding_window=6, initializer_range=0.1)
+    model = _random_model(cfg, seed=1)
+    hf.save_hf(model, tmp_path / "ckpt")
+
+    tm, info = MiMoV2FlashForCausalLM.from_pretrained(
+        tmp_path / "ckpt", attn_implementation="eager", output_loading_info=True
+    )
+    tm.eval()
+    assert not info["missing_keys"], info["missing_keys"]
+    assert not info["mismatched_keys"], info["mismatched_keys"]
+    # Only the MTP blocks (which transformers does not implement) may go unused.
+    assert all(k.startswith("model.mtp.") for k in info["unexpected_keys"]), info
+    assert tm.dtype == torch.float32
+    assert tm.config.sliding_window == 6 and tm.config.layer_types == list(cfg.layer_types)
+
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        want = tm(torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+    _assert_close(_logits(model, jnp.asarray(ids)), want, 1e-4, "exported logits in transformers")
+
+    # Re-saved by transformers: the MTP weights are gone but config.json still counts them.
+    tm.save_pretrained(tmp_path / "resaved")
+    with pytest.raises(ValueError, match="num_mtp_layers=0") as exc:
+        hf.load_hf(str(tmp_path / "resaved"))
+    assert "model.mtp.layers.0." in str(exc.value)
+    back = _flat_state(hf.load_hf(str(tmp_path / "resaved"), num_mtp_layers=0))
+    ours = {p: x for p, x in _flat_state(model).items() if p[0] != "mtp"}
+    assert back.keys() == ours.keys()
+    for path, x in ours.items():
+        assert np.array_equal(back[path], x), f"{path} changed through transformers"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Round trips, MTP included.
+
+MTP_SUFFIXES = [
+    "enorm.weight",
+    "hnorm.weight",
+    "eh_proj.weight",
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.attention_sink_bias",
+    "pre_mlp_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "final_layernorm.weight",
+]
+
+
+@pytest.mark.parametrize(("num_mtp", "count_from"), [(2, "config"), (3, "tensors")])
+def test_round_trip_bit_exact_with_mtp(num_mtp, count_from, tmp_path):
+    cfg = mimo_jax.tiny(num_layers=7, num_mtp_layers=num_mtp, initializer_range=0.1)
+    m1 = _random_model(cfg, seed=num_mtp)
+    d1, d2 = tmp_path / "a", tmp_path / "b"
+    hf.save_hf(m1, d1)
+
+    with open(d1 / hf.INDEX_FILE) as f:
+        names = set(json.load(f)["weight_map"])
+    for k in range(num_mtp):
+        for suffix in MTP_SUFFIXES:
+            assert f"model.mtp.layers.{k}.{suffix}" in names, f"model.mtp.layers.{k}.{suffix}"
+    assert not any(n.startswith(f"model.mtp.layers.{num_mtp}.") for n in names)
+    assert names == set(hf.hf_entries(m1))
+
+    if count_from == "tensors":
+        # The released checkpoint does not state its MTP depth: it must be counted.
+        config = _config(d1)
+        del config["num_nextn_predict_layers"]
+        with open(d1 / "config.json", "w") as f:
+            json.dump(config, f)
+    m2 = hf.load_hf(str(d1))
+    assert m2.cfg.num_mtp_layers == num_mtp
+    assert m2.cfg == m1.cfg
+    _assert_states_equal(m1, m2)
+
+    hf.save_hf(m2, d2)
+    if count_from == "tensors":
+        # The export states the depth again; otherwise the two exports are identical.
+        config = _config(d2)
+        assert config.pop("num_nextn_predict_layers") == num_mtp
+        with open(d2 / "config.json", "w") as f:
+            json.dump(config, f)
+    _assert_checkpoints_equal(d1, d2)
+
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 11)))
+    o1, o2 = _outputs(m1, ids), _outputs(m2, ids)
+    assert len(o1.mtp_logits) == len(o2.mtp_logits) == num_mtp
+    pairs = zip((o1.logits, *o1.mtp_logits), (o2.logits, *o2.mtp_logits), strict=True)
+    for k, (a, b) in enumerate(pairs):
+        _assert_close(a, b, 0.0, f"round-tripped {'logits' if k == 0 else f'mtp_logits[{k - 1}]'}")
+
+
+def test_mtp_tensors_land_under_hub_names(tmp_path):
+    """Each exported MTP tensor is the parameter its hub name says (round trips cannot tell
+    a consistent swap, e.g. enorm <-> hnorm, from the right mapping)."""
+    cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=2)
+    model = _random_model(cfg, seed=11)
+    hf.save_hf(model, tmp_path / "ckpt")
+    tensors = {n: t.numpy() for n, t in _read_dir(tmp_path / "ckpt").items()}
+    d = cfg.embed_dim
+    for k, layer in enumerate(model.mtp):
+        pre = f"model.mtp.layers.{k}"
+
+        def val(v):
+            return np.asarray(v[...])
+
+        expected = {
+            "enorm.weight": val(layer.enorm.scale),
+            "hnorm.weight": val(layer.hnorm.scale),
+            "input_layernorm.weight": val(layer.input_layernorm.scale),
+            "pre_mlp_layernorm.weight": val(layer.post_attention_layernorm.scale),
+            "final_layernorm.weight": val(layer.final_layernorm.scale),
+            # [D, 2D]: the first D input columns act on enorm(embedding) (reference 3.1).
+            "eh_proj.weight": val(layer.eh_proj.kernel).T,
+            "self_attn.attention_sink_bias": val(layer.self_attn.sinks),
+            "self_attn.q_proj.weight": val(layer.self_attn.q_proj.kernel).reshape(d, -1).T,
+            "self_attn.o_proj.weight": val(layer.self_attn.o_proj.kernel).reshape(-1, d).T,
+            "mlp.gate_proj.weight": val(layer.mlp.gate_proj.kernel).T,
+            "mlp.up_proj.weight": val(layer.mlp.up_proj.kernel).T,
+            "mlp.down_proj.weight": val(layer.mlp.down_proj.kernel).T,
+        }
+        for suffix, want in expected.items():
+            np.testing.assert_array_equal(tensors[f"{pre}.{suffix}"], want, err_msg=suffix)
+        # SWA kv heads in the MTP attention.
+        assert tensors[f"{pre}.self_attn.k_proj.weight"].shape == (2 * cfg.head_dim, d)
+
+
+def test_bf16_export_keeps_fp32_router(tmp_path):
+    cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=1, param_dtype="bfloat16", dtype="bfloat16")
+    model = _random_model(cfg, seed=5)
+    hf.save_hf(model, tmp_path / "ckpt")
+    dtypes = {}
+    with safe_open(tmp_path / "ckpt" / "model-00001-of-00001.safetensors", "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            dtypes[name] = f.get_slice(name).get_dtype()
+    router = {n for n in dtypes if ".mlp.gate." in n}
+    assert router and all(dtypes[n] == "F32" for n in router), {n: dtypes[n] for n in router}
+    others = {n: d for n, d in dtypes.items() if n not in router and d != "BF16"}
+    assert not others, others
+    assert _config(tmp_path / "ckpt")["torch_dtype"] == "bfloat16"
+    back = hf.load_hf(str(tmp_path / "ckpt"))
+    assert back.cfg == cfg
+    _assert_states_equal(model, back)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Sharded export.
+
+
+def test_sharded_export(tmp_path):
+    cfg = mimo_jax.tiny(num_layers=4, num_mtp_layers=1)
+    model = _random_model(cfg, seed=4)
+    table = hf.hf_entries(model)
+    total = sum(4 * int(np.prod(e.hf_shape)) for e in table.values())  # fp32
+    limit = total // 6
+    hf.save_hf(model, tmp_path / "ckpt", max_shard_bytes=limit)
+
+    d = tmp_path / "ckpt"
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    assert len(files) >= 6, files
+    assert files == [
+        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))
+    ]
+    with open(d / hf.INDEX_FILE) as f:
+        index = json.load(f)
+    weight_map = index["weight_map"]
+    assert set(weight_map) == set(table), sorted(set(weight_map) ^ set(table))[:5]
+    assert set(weight_map.values()) == set(files)
+    assert index["metadata"]["total_size"] == total
+    biggest = max(4 * int(np.prod(e.hf_shape)) for e in table.values())
+    for fname in files:
+        with safe_open(d / fname, "numpy") as f:
+            held = set(f.keys())
+            nbytes = sum(f.get_tensor(n).nbytes for n in held)
+        assert held == {n for n, v in weight_map.items() if v == fname}, fname
+        assert nbytes <= max(limit, biggest), (fname, nbytes, limit)
+
+    _assert_states_equal(model, hf.load_hf(str(d)))
+    # transformers resolves the same index.
+    tm, info = MiMoV2FlashForCausalLM.from_pretrained(
+        d, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"], info["missing_keys"]
+    np.testing.assert_array_equal(
+        tm.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.kernel[...]).T
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. FP8 block-quantized checkpoints.
+
+_QUANTIZED = re.compile(
+    r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$"
+)
+
+
+def _quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 style: one scale per 128x128 block, scale = amax / 448 (e4m3 max)."""
+    rows, cols = w.shape
+    br, bc = -(-rows // 128), -(-cols // 128)
+    padded = torch.zeros(br * 128, bc * 128, dtype=torch.float32)
+    padded[:rows, :cols] = w
+    blocks = padded.view(br, 128, bc, 128)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).view(br * 128, bc * 128)[:rows, :cols]
+    return q.contiguous().to(torch.float8_e4m3fn), scale.contiguous()
+
+
+def _dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows, cols = q.shape
+    s = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
+    return q.float() * s
+
+
+def test_fp8_import_matches_dequantized_reference(tmp_path):
+    # embed 160 and mlp 272 give 2-3 blocks per side with ragged last blocks.
+    cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=1, embed_dim=160, mlp_dim=272)
+    model = _random_model(cfg, seed=6)
+    hf.save_hf(model, tmp_path / "fp32")
+    tensors = _read_dir(tmp_path / "fp32")
+    config = _config(tmp_path / "fp32")
+
+    fp8, deq = {}, {}
+    for name, w in tensors.items():
+        if _QUANTIZED.search(name):
+            q, s = _quantize_fp8(w)
+            fp8[name], fp8[name + "_scale_inv"] = q, s
+            deq[name] = _dequantize_torch(q, s)
+        else:
+            fp8[name] = deq[name] = w
+    quantized = [n for n in tensors if _QUANTIZED.search(n)]
+    assert {
+        "model.mtp.layers.0.eh_proj.weight",
+        "model.layers.1.mlp.experts.7.down_proj.weight",
+    } <= set(quantized)
+    assert not any(".mlp.gate." in n or "lm_head" in n or "embed" in n for n in quantized)
+    assert fp8["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (3, 2)
+    _write_dir(tmp_path / "fp8", fp8, config)
+    _write_dir(tmp_path / "deq", deq, config)
+
+    got, want = (
+        _flat_state(hf.load_hf(str(tmp_path / "fp8"))),
+        _flat_state(hf.load_hf(str(tmp_path / "deq"))),
+    )
+    orig = _flat_state(model)
+    assert got.keys() == want.keys()
+    for path in want:
+        a, b = got[path], want[path]
+        assert np.isfinite(a).all(), path
+        diff, ref = np.abs(a - b).max(), np.abs(b).max()
+        assert diff <= 1e-6 * ref, f"{path}: max diff {diff:.3g} vs max |ref| {ref:.3g}"
+    # The FP8 path really ran: quantization error is present but small.
+    kernel = ("layers", 0, "mlp", "gate_proj", "kernel")
+    err = np.abs(got[kernel] - orig[kernel]).max() / np.abs(orig[kernel]).max()
+    assert 0 < err < 0.1, err
+
+
+def test_dequantize_fp8_by_hand():
+    import ml_dtypes
+
+    w = np.arange(1, 10, dtype=np.float32).reshape(3, 3).astype(ml_dtypes.float8_e4m3fn)
+    s = np.array([[1.0, 10.0], [100.0, 1000.0]], np.float32)
+    want = np.array([[1, 2, 30], [4, 5, 60], [700, 800, 9000]], np.float32)
+    got = hf.dequantize_fp8(w, s, block=2)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+    # Default 128 blocks with a ragged edge: each corner takes its own block's scale.
+    w = np.full((130, 257), 1.5, ml_dtypes.float8_e4m3fn)
+    s = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    got = hf.dequantize_fp8(w, s)
+    for r, c, k in [(0, 0, 1), (127, 127, 1), (128, 0, 4), (0, 128, 2), (129, 256, 6), (5, 256, 3)]:
+        assert got[r, c] == 1.5 * k, (r, c, got[r, c])
+    with pytest.raises(ValueError, match="scale shape"):
+        hf.dequantize_fp8(w, s[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Malformed input.
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    """A valid 3-layer checkpoint with one MTP block; tests copy and corrupt it."""
+    cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=1)
+    model = _random_model(cfg, seed=7)
+    path = tmp_path_factory.mktemp("small") / "ckpt"
+    hf.save_hf(model, path)
+    return path
+
+
+Q = "model.layers.2.self_attn.q_proj.weight"
+
+
+def _fp8(t):
+    return t.to(torch.float8_e4m3fn)
+
+
+def _ones_scale(t):
+    return torch.ones(-(-t.shape[0] // 128), -(-t.shape[1] // 128))
+
+
+TENSOR_CORRUPTIONS = {
+    "missing": (lambda t: t.pop(Q), Q),
+    "extra": (
+        lambda t: t.__setitem__("model.layers.1.mlp.experts.99.up_proj.weight", torch.zeros(3)),
+        "model.layers.1.mlp.experts.99.up_proj.weight",
+    ),
+    "misshaped": (
+        lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.weight", torch.zeros(47, 64)),
+        "model.layers.1.self_attn.k_proj.weight",
+    ),
+    "int32": (
+        lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].int()),
+        "model.norm.weight",
+    ),
+    "fp8_without_scale": (lambda t: t.__setitem__(Q, _fp8(t[Q])), Q),
+    "fp8_never_quantized": (
+        lambda t: t.update(
+            {
+                "lm_head.weight": _fp8(t["lm_head.weight"]),
+                "lm_head.weight_scale_inv": torch.ones(2, 1),
+            }
+        ),
+        "lm_head.weight",
+    ),
+    "fp8_bad_scale_shape": (
+        lambda t: t.update({Q: _fp8(t[Q]), Q + "_scale_inv": torch.ones(2, 1)}),
+        Q + "_scale_inv",
+    ),
+    "fp8_scale_not_f32": (
+        lambda t: t.update({Q: _fp8(t[Q]), Q + "_scale_inv": _ones_scale(t[Q]).bfloat16()}),
+        Q + "_scale_inv",
+    ),
+    "scale_on_unquantized": (lambda t: t.update({Q + "_scale_inv": _ones_scale(t[Q])}), Q),
+    "orphan_scale": (
+        lambda t: t.update({"model.layers.9.self_attn.q_proj.weight_scale_inv": torch.ones(1, 1)}),
+        "model.layers.9.self_attn.q_proj.weight_scale_inv",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(TENSOR_CORRUPTIONS))
+def test_bad_tensor_is_named(kind, small_ckpt, tmp_path):
+    corrupt, culprit = TENSOR_CORRUPTIONS[kind]
+    tensors = _read_dir(small_ckpt)
+    corrupt(tensors)
+    _write_dir(tmp_path / "bad", tensors, _config(small_ckpt))
+    with pytest.raises(ValueError) as exc:
+        hf.load_hf(str(tmp_path / "bad"))
+    assert culprit in str(exc.value), str(exc.value)
+
+
+def _hub_layers(config):
+    config.pop("layer_types"), config.pop("mlp_layer_types")
+    config["hybrid_layer_pattern"] = [0, 1, 2]
+    config["sliding_window_size"] = config.pop("sliding_window") - 1
+
+
+CONFIG_CORRUPTIONS = {
+    "layer_types_length": (
+        lambda c: c.__setitem__("layer_types", c["layer_types"][:2]),
+        "layer_types",
+    ),
+    "mlp_layer_types_entry": (
+        lambda c: c.__setitem__("mlp_layer_types", ["dense", "moe", "sparse"]),
+        "mlp_layer_types",
+    ),
+    "hybrid_layer_pattern_2": (_hub_layers, "hybrid_layer_pattern"),
+    # Claims two MTP blocks; the checkpoint has one.
+    "mtp_count": (
+        lambda c: c.__setitem__("num_nextn_predict_layers", 2),
+        "model.mtp.layers.1.",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIG_CORRUPTIONS))
+def test_bad_config_is_named(kind, small_ckpt, tmp_path):
+    corrupt, culprit = CONFIG_CORRUPTIONS[kind]
+    shutil.copytree(small_ckpt, tmp_path / "bad")
+    config = _config(small_ckpt)
+    corrupt(config)
+    with open(tmp_path / "bad" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError) as exc:
+        hf.load_hf(str(tmp_path / "bad"))
+    assert culprit in str(exc.value), str(exc.value)
+
+
+def test_mtp_numbering_gap_is_rejected(small_ckpt, tmp_path):
+    tensors = _read_dir(small_ckpt)
+    tensors = {
+        n.replace("model.mtp.layers.0.", "model.mtp.layers.1."): t for n, t in tensors.items()
+    }
+    config = _config(small_ckpt)
+    del config["num_nextn_predict_layers"]
+    _write_dir(tmp_path / "bad", tensors, config)
+    with pytest.raises(ValueError, match="MTP layers"):
+        hf.load_hf(str(tmp_path / "bad"))
+
+
+def test_save_refuses_existing_dir_and_overwrites_on_request(small_ckpt, tmp_path):
+    model = _random_model(mimo_jax.tiny(num_layers=3, num_mtp_layers=1), seed=8)
+    target = tmp_path / "ckpt"
+    shutil.copytree(small_ckpt, target)
+    before = _read_dir(target)
+    with pytest.raises(FileExistsError, match="ckpt"):
+        hf.save_hf(model, target)
+    after = _read_dir(target)
+    assert all(torch.equal(before[n], after[n]) for n in before), "refused save touched the dir"
+
+    hf.save_hf(model, target, overwrite=True)
+    _assert_states_equal(model, hf.load_hf(str(target)))
+    assert os.listdir(tmp_path) == ["ckpt"], os.listdir(tmp_path)
+    # A plain mkdir's permissions, not mkdtemp's private 0700.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_export_leaves_nothing_behind(existing, small_ckpt, tmp_path, monkeypatch):
+    model = _random_model(mimo_jax.tiny(num_layers=3, num_mtp_layers=1), seed=9)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    target = parent / "ckpt"
+    if existing:
+        shutil.copytree(small_ckpt, target)
+    real_save, calls = hf.save_file, []
+
+    def failing_save(tensors, filename, **kw):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        real_save(tensors, filename, **kw)
+
+    monkeypatch.setattr(hf, "save_file", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        hf.save_hf(model, target, max_shard_bytes=50_000, overwrite=existing)
+    assert len(calls) == 2, calls
+    if existing:
+        assert os.listdir(parent) == ["ckpt"], os.listdir(parent)
+        _assert_checkpoints_equal(small_ckpt, target)
+    else:
+        assert os.listdir(parent) == [], os.listdir(parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The hub config.json dialect.
+
+
+def _hub_config(n: int, window: int) -> dict:
+    """A hub-style (remote-code) config.json for a tiny model: reference section 1.1 keys."""
+    return {
+        "architectures": ["MiMoV2FlashForCausalLM"],
+        "model_type": "mimo_v2_flash",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "num_hidden_layers": n,
+        "intermediate_size": 160,
+        "moe_intermediate_size": 48,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 24,
+        "v_head_dim": 16,
+        "swa_num_attention_heads": 4,
+        "swa_num_key_value_heads": 2,
+        "swa_head_dim": 24,
+        "swa_v_head_dim": 16,
+        "rope_theta": 5_000_000,
+        "swa_rope_theta": 10_000,
+        "partial_rotary_factor": 0.334,
+        "rope_scaling": None,
+        # The hub counts previous tokens only; all three keys carry the same number.
+        "sliding_window": window - 1,
+        "sliding_window_size": window - 1,
+        "attention_chunk_size": window - 1,
+        "hybrid_layer_pattern": [0 if i == 0 or (i + 1) % 6 == 0 else 1 for i in range(n)],
+        "hybrid_block_size": None,
+        "add_swa_attention_sink_bias": True,
+        "add_full_attention_sink_bias": False,
+        "attention_value_scale": 0.707,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "moe_layer_freq": [0] + [1] * (n - 1),
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": None,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": None,
+        "hidden_act": "silu",
+        "layernorm_epsilon": 1e-5,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+    }
+
+
+def test_hub_config_dialect():
+    cfg = ModelConfig.from_hf(_hub_config(13, window=129))
+    assert cfg.sliding_window == 129
+    assert cfg.layer_types == tuple(FULL if i in (0, 5, 11) else SLIDING for i in range(13)), (
+        cfg.layer_types
+    )
+    assert cfg.mlp_layer_types == (DENSE,) + (SPARSE,) * 12
+    assert (cfg.num_kv_heads, cfg.swa_num_kv_heads) == (1, 2)
+    assert (cfg.rope_theta, cfg.swa_rope_theta) == (5e6, 1e4)
+    assert (cfg.swa_attention_sink, cfg.full_attention_sink) == (True, False)
+    assert cfg.attention_value_scale == 0.707
+    assert cfg.rms_norm_eps == 1e-5
+    assert cfg.routed_scaling_factor == 1.0
+    assert cfg.num_mtp_layers == 0  # not stated: load_hf counts the tensors
+    assert cfg.rotary_dim == 8
+
+
+def test_load_with_hub_config_json(tmp_path):
+    """A checkpoint whose config.json is in the hub dialect loads into the same model."""
+    cfg = mimo_jax.tiny(num_layers=7, num_mtp_layers=1, sliding_window=129)
+    model = _random_model(cfg, seed=10)
+    hf.save_hf(model, tmp_path / "ckpt")
+    with open(tmp_path / "ckpt" / "config.json", "w") as f:
+        json.dump(_hub_config(7, window=129), f)
+    back = hf.load_hf(str(tmp_path / "ckpt"))
+    assert back.cfg == cfg, (back.cfg, cfg)
+    _assert_states_equal(model, back)
