@@ -26,4 +26,11 @@ def get_config():
         param_dtype="float32",
         initializer_range=0.02,
     )
+    c.train.steps = 600
+    c.train.batch_size = 8
+    c.train.seq_len = 256
+    c.train.warmup_steps = 30
+    c.train.log_every = 25
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
     return c

@@ -104,3 +104,22 @@ def test_bfloat16_close_to_float32():
     a, b = f32(ids).logits, b16(ids).logits
     assert b.dtype == jnp.float32 and np.all(np.isfinite(b))
     assert np.max(np.abs(a - b)) < 2e-2, np.max(np.abs(a - b))
+
+
+def test_pallas_attention_model_matches_xla():
+    cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=1, sliding_window=11)
+    xla_model = mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0))
+    pallas_model = mimo_jax.MiMoV2Flash(cfg.replace(attention_impl="pallas"), rngs=nnx.Rngs(0))
+    nnx.update(pallas_model, nnx.state(xla_model))
+    ids = jax.random.randint(jax.random.key(2), (2, 37), 0, 256)
+    (la, ga), (lb, gb) = (
+        jax.jit(nnx.value_and_grad(_loss))(m, ids) for m in (xla_model, pallas_model)
+    )
+    assert np.isfinite(lb) and abs(float(la) - float(lb)) < 1e-5, (la, lb)
+    for path, a in nnx.to_flat_state(ga):
+        b = dict(nnx.to_flat_state(gb))[path]
+        assert np.all(np.isfinite(b[...])), path
+        diff = np.max(np.abs(a[...] - b[...]))
+        assert diff < 1e-4, f"{path}: grad max diff {diff}"
+    a, b = xla_model(ids), pallas_model(ids)
+    assert np.max(np.abs(a.logits - b.logits)) < 1e-4
