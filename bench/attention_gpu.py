@@ -4,6 +4,8 @@ MiMo-V2-Flash SWA layer shapes: 64 query heads, 8 kv heads, H = 192, P = 128, wi
 visible keys), sinks, bf16, batch 1, T = S in {4K, 16K, 64K}. Rows:
 
 * ``pallas``: ``flash.flash_attention`` compiled (``interpret=False``), the backend's schedule.
+* ``mgpu``: ``flash.flash_attention(mode="mgpu")``: the Mosaic GPU (sm90) forward of
+  ``flash_mgpu`` with the "loop" backward; needs a Hopper GPU, else the row reports its error.
 * ``xla_dense``: masked softmax over the full [T, S] score matrix (bf16 matmuls, fp32 logits),
   what ``reference.attention_reference`` does; skipped when its [T, S] buffers cannot fit.
 * ``xla_banded``: ``pallas_kernels.xla.attention_xla`` when that module is importable.
@@ -149,6 +151,17 @@ def bench_row(impl, t, iters):
                     traceback.print_exc()
             else:
                 raise RuntimeError(" | ".join(errors))
+        elif impl == "mgpu":
+
+            def attn(q, k, v, *, sinks, sliding_window):
+                return flash.flash_attention(
+                    q, k, v, sinks=sinks, sliding_window=sliding_window, mode="mgpu"
+                )
+
+            fwd = jax.jit(lambda q, k, v, s: attn(q, k, v, sinks=s, sliding_window=WINDOW))
+            row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
+            row["out"] = fwd(q, k, v, sinks)
+            row["compile_s"], row["fwd_bwd_s"] = _time(_fwd_bwd(attn, ct), (q, k, v, sinks), iters)
         else:
             if impl == "xla_dense":
                 need = 4 * 4 * N_HEADS * t * t  # ~4 fp32 [N, T, S] buffers live in fwd + bwd
@@ -176,7 +189,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", default="4096,16384,65536")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--impls", default="pallas,xla_dense,xla_banded")
+    parser.add_argument("--impls", default="pallas,mgpu,xla_dense,xla_banded")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 N={N_HEADS} K={KV_HEADS}")
@@ -190,14 +203,15 @@ def main():
             by_impl[impl] = row
             rows.append(row)
             print(f"  done T={t} {impl}: {row.get('error', 'ok')}", flush=True)
-        # Cross-check the Pallas output against the most exact baseline that ran.
-        out = by_impl.get("pallas", {}).pop("out", None)
-        for base in ("xla_dense", "xla_banded"):
-            ref = by_impl.get(base, {}).get("out")
-            if out is not None and ref is not None:
-                diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
-                by_impl["pallas"]["max_diff_vs"] = f"{float(diff):.2e} vs {base}"
-                break
+        # Cross-check the Pallas outputs against the most exact baseline that ran.
+        for kernel in ("pallas", "mgpu"):
+            out = by_impl.get(kernel, {}).pop("out", None)
+            for base in ("xla_dense", "xla_banded"):
+                ref = by_impl.get(base, {}).get("out")
+                if out is not None and ref is not None:
+                    diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
+                    by_impl[kernel]["max_diff_vs"] = f"{float(diff):.2e} vs {base}"
+                    break
         for row in by_impl.values():
             row.pop("out", None)
         dense = by_impl.get("xla_dense", {}).get("fwd_bwd_s")

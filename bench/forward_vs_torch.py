@@ -12,25 +12,17 @@ Writes bench/results/forward_vs_torch.json.
 """
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import sys
-import tempfile
 import time
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mimo_jax import hf  # noqa: E402
-from mimo_jax.config import FULL, SLIDING  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from mimo_jax.config import FULL, SLIDING
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
-    p.add_argument("--out", default=os.path.join(RESULTS, "forward_vs_torch.json"))
+    p.add_argument("--out", default=os.path.join(common.RESULTS, "forward_vs_torch.json"))
     return p.parse_args()
 
 
@@ -91,36 +83,15 @@ def torch_model(a: argparse.Namespace) -> MiMoV2FlashForCausalLM:
     )
     torch.manual_seed(0)
     model = MiMoV2FlashForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        # Non-trivial sinks and correction bias, so both paths route and attend alike for real.
-        for name, p in model.named_parameters():
-            if name.endswith("sinks"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    common.perturb_sinks_and_bias(model)
     return model
-
-
-def median_seconds(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
 
 
 def main():
     a = parse_args()
     torch.set_num_threads(a.threads)
     tm = torch_model(a)
-    with tempfile.TemporaryDirectory() as tmp:
-        tm.save_pretrained(tmp)
-        model = hf.load_hf(tmp, moe_impl=a.moe_impl)
+    model = common.to_jax(tm, moe_impl=a.moe_impl)
     ids = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq))
     ids_t, ids_j = torch.from_numpy(ids), jnp.asarray(ids)
 
@@ -140,8 +111,10 @@ def main():
         raise SystemExit("non-finite logits")
     max_diff = float(np.abs(got - logits_t).max())
 
-    jax_s, jax_all = median_seconds(lambda: fwd(model, ids_j).block_until_ready(), a.warmup, a.runs)
-    torch_s, torch_all = median_seconds(run_torch, a.warmup, a.runs)
+    jax_s, jax_all = common.median_seconds(
+        lambda: fwd(model, ids_j).block_until_ready(), a.warmup, a.runs
+    )
+    torch_s, torch_all = common.median_seconds(run_torch, a.warmup, a.runs)
     tokens = a.batch * a.seq
     result = {
         "config": {k: v for k, v in vars(a).items() if k != "out"},
@@ -165,7 +138,7 @@ def main():
         "speedup_jax_over_torch": torch_s / jax_s,
         "max_abs_logit_diff": max_diff,
         "max_abs_logit": float(np.abs(logits_t).max()),
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+        "host": common.host_info(),
     }
 
     print(
@@ -184,10 +157,7 @@ def main():
         f"speedup jax / torch: {torch_s / jax_s:.2f}x   (jit compile + first run {compile_s:.1f}s)"
     )
     print(f"max |logits diff|: {max_diff:.3g}   (max |logits| {result['max_abs_logit']:.3g})")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {a.out}")
+    common.write_json(result, a.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check for the Pallas flash attention (run from anywhere on an NVIDIA H200 box):
 #   (a) tests/test_attention_pallas.py compiled (MIMO_PALLAS_INTERPRET=0), not interpreted;
-#   (b) bench/attention_gpu.py: Pallas SWA fwd+bwd vs XLA dense-masked at T = 4K, 16K, 64K.
+#   (a2) tests/test_attention_mgpu.py compiled under MIMO_PALLAS_MODE=mgpu (Mosaic GPU forward);
+#   (b) bench/attention_gpu.py: Pallas (Triton "loop" and Mosaic GPU "mgpu") SWA fwd+bwd vs XLA
+#       dense-masked at T = 4K, 16K, 64K.
 # Every step has its own timeout so the whole script stays under 8 minutes; a failing step is
 # reported and the next one still runs. Results (log, JSON) go to $OUT if set, else bench/results.
 set -uo pipefail
@@ -30,6 +32,11 @@ echo "== (a) kernel tests, compiled (MIMO_PALLAS_INTERPRET=0)"
 timeout 200 python -m pytest tests/test_attention_pallas.py -q -rs --durations=5 \
   -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" | tail -60
 echo "tests exit status: ${PIPESTATUS[0]} (124 = timed out)  [${SECONDS}s elapsed]"
+
+echo "== (a2) Mosaic GPU kernel tests, compiled (MIMO_PALLAS_MODE=mgpu)"
+MIMO_PALLAS_MODE=mgpu timeout 150 python -m pytest tests/test_attention_mgpu.py -q -rs \
+  --durations=5 -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests_mgpu.log" | tail -40
+echo "mgpu tests exit status: ${PIPESTATUS[0]} (124 = timed out)  [${SECONDS}s elapsed]"
 
 echo "== (b) benchmark"
 timeout $((450 - SECONDS > 30 ? 450 - SECONDS : 30)) python bench/attention_gpu.py \

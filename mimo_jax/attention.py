@@ -16,6 +16,7 @@ from flax import nnx
 
 import pallas_kernels
 from mimo_jax import sharding as sh
+from mimo_jax.cache import KVCache
 from mimo_jax.config import SLIDING, ModelConfig
 from mimo_jax.layers import Linear, apply_rope
 
@@ -115,15 +116,51 @@ class Attention(nnx.Module):
         )  # [B, T, N, P]
         return self.o_proj(o)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """Causal self-attention over the sequence itself (training / no-cache forward).
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        lengths: jax.Array | None = None,
+        offset: int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention, with three uses of the cache.
+
+        * ``cache is None``: causal attention over the sequence itself (training, no cache).
+        * ``lengths`` given (prefill): attention over the right-padded prompt itself, and the
+          cache is filled with its keys (the last ``cache.size`` valid ones per row).
+        * otherwise (decode / verify): the new keys are written into the cache first, then the
+          queries attend to every cache slot their positions allow.
 
         Args:
           x: [B, T, D] normalised hidden states.
           positions: int [B, T] absolute positions (consecutive within a row).
+          cache: this layer's KVCache.
+          lengths: int [B] valid prompt tokens per row (prefill only).
+          offset: prefill only: position of entry 0 is ``offset`` (MTP depths).
 
         Returns:
-          [B, T, D].
+          ([B, T, D], the updated cache or None).
         """
         q, k, v = self.qkv(x, positions)
-        return self.attend(q, k, v)
+        if cache is None:
+            return self.attend(q, k, v), None
+        if lengths is not None:
+            return self.attend(q, k, v), cache.fill(k, v, lengths, offset)
+        cache = cache.write(k, v, positions)
+        out = self.attend(q, cache.k, cache.v, q_positions=positions, kv_positions=cache.pos)
+        return out, cache
+
+    def init_cache(self, batch: int, max_length: int, max_new_per_step: int) -> KVCache:
+        """An empty cache: a ring of window + max_new_per_step slots, or linear to max_length."""
+        size = (
+            max_length if self.window is None else min(max_length, self.window + max_new_per_step)
+        )
+        return KVCache.empty(
+            batch,
+            size,
+            self.num_kv_heads,
+            self.cfg.head_dim,
+            self.cfg.v_head_dim,
+            jnp.dtype(self.cfg.dtype),
+        )

@@ -19,6 +19,7 @@ from flax import nnx
 
 from mimo_jax import sharding as sh
 from mimo_jax.attention import Attention
+from mimo_jax.cache import KVCache
 from mimo_jax.config import DENSE, ModelConfig
 from mimo_jax.layers import MLP, Embedder, Linear, RMSNorm
 from mimo_jax.moe import MoE
@@ -106,13 +107,27 @@ class DecoderLayer(nnx.Module):
         self.cfg = cfg
 
     def __call__(
-        self, h: jax.Array, positions: jax.Array, routing: jax.Array | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Args: h [B, T, D], positions int [B, T], routing optional int [B, T, k].
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        routing: jax.Array | None = None,
+        cache: KVCache | None = None,
+        lengths: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
+        """One block.
 
-        Returns: h [B, T, D] and this layer's aux (see ``ModelOutput.aux``).
+        Args:
+          h: [B, T, D].
+          positions: int [B, T].
+          routing: optional int [B, T, k] experts to replay.
+          cache: optional KVCache (see ``Attention.__call__`` for prefill vs decode).
+          lengths: int [B] prompt lengths (prefill only).
+
+        Returns:
+          h [B, T, D], this layer's aux (see ``ModelOutput.aux``), the updated cache or None.
         """
-        h = h + self.self_attn(self.input_layernorm(h), positions)
+        attn, cache = self.self_attn(self.input_layernorm(h), positions, cache, lengths)
+        h = h + attn
         x = self.post_attention_layernorm(h)
         if self.is_moe:
             y, aux = self.mlp(x, routing)
@@ -124,18 +139,18 @@ class DecoderLayer(nnx.Module):
                 "routing": jnp.full((b, t, self.cfg.num_experts_per_tok), -1, jnp.int32),
                 "seq_aux_loss": jnp.zeros((), jnp.float32),
             }
-        return h + y, aux
+        return h + y, aux, cache
 
 
-def _run_layer(graphdef, state, h, positions, routing, remat: bool):
+def _run_layer(graphdef, state, h, positions, routing, cache, lengths, remat: bool):
     """Applies one layer given as (graphdef, state): a pure function, so it can be scanned/remat."""
 
-    def f(state, h, positions, routing):
-        return nnx.merge(graphdef, state)(h, positions, routing)
+    def f(state, h, positions, routing, cache, lengths):
+        return nnx.merge(graphdef, state)(h, positions, routing, cache, lengths)
 
     if remat:
         f = jax.checkpoint(f)
-    return f(state, h, positions, routing)
+    return f(state, h, positions, routing, cache, lengths)
 
 
 class MiMoV2Flash(nnx.Module):
@@ -177,30 +192,42 @@ class MiMoV2Flash(nnx.Module):
         return (self.scanned[idx], r) if where == "scanned" else (self.layers[idx], None)
 
     def decoder(
-        self, h: jax.Array, positions: jax.Array, routing: jax.Array | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        routing: jax.Array | None = None,
+        cache: dict | None = None,
+        lengths: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array], dict | None]:
         """Runs all decoder layers.
 
         Args:
           h: [B, T, D] embeddings.
           positions: int [B, T].
           routing: optional int [L, B, T, k] expert ids to replay (rows of dense layers ignored).
+          cache: optional decoder caches from ``init_cache`` (its "layers" and "scanned" parts).
+          lengths: int [B] prompt lengths when filling the cache (prefill).
 
         Returns:
-          pre-norm hidden [B, T, D] and aux stacked over layers in layer order.
+          pre-norm hidden [B, T, D], aux stacked over layers in layer order, updated caches.
         """
         cfg, plan = self.cfg, self.plan
         per_layer: list[Any] = [None] * cfg.num_layers
+        new_unrolled = [None] * len(self.layers)
 
         def run_unrolled(i):
             nonlocal h
-            module = self.layers[plan.locate(i)[1]]
-            gd, st = nnx.split(module)
+            j = plan.locate(i)[1]
+            gd, st = nnx.split(self.layers[j])
             r = None if routing is None else routing[i]
-            h, per_layer[i] = _run_layer(gd, st, h, positions, r, cfg.remat)
+            c = None if cache is None else cache["layers"][j]
+            h, per_layer[i], new_unrolled[j] = _run_layer(
+                gd, st, h, positions, r, c, lengths, cfg.remat
+            )
 
         for i in range(plan.start):
             run_unrolled(i)
+        new_scanned = None
         if plan.repeats:
             splits = [nnx.split(m) for m in self.scanned]
             gds = [g for g, _ in splits]
@@ -210,17 +237,23 @@ class MiMoV2Flash(nnx.Module):
                 xs_routing = routing[plan.start : plan.stop].reshape(
                     plan.repeats, plan.period, *routing.shape[1:]
                 )  # [R, period, B, T, k]
+            xs_cache = None if cache is None else cache["scanned"]
 
             def body(h, xs):
-                states, r = xs
-                auxes = []
+                states, r, caches = xs
+                auxes, new_caches = [], []
                 for j in range(plan.period):
                     rj = None if r is None else r[j]
-                    h, aux = _run_layer(gds[j], states[j], h, positions, rj, cfg.remat)
+                    cj = None if caches is None else caches[j]
+                    h, aux, cj = _run_layer(
+                        gds[j], states[j], h, positions, rj, cj, lengths, cfg.remat
+                    )
                     auxes.append(aux)
-                return h, auxes
+                    new_caches.append(cj)
+                return h, (auxes, new_caches)
 
-            h, auxes = jax.lax.scan(body, h, ([s for _, s in splits], xs_routing))
+            xs = ([s for _, s in splits], xs_routing, xs_cache)
+            h, (auxes, new_scanned) = jax.lax.scan(body, h, xs)
             for rep in range(plan.repeats):
                 for j in range(plan.period):
                     per_layer[plan.start + rep * plan.period + j] = jax.tree.map(
@@ -229,7 +262,35 @@ class MiMoV2Flash(nnx.Module):
         for i in range(plan.stop, cfg.num_layers):
             run_unrolled(i)
         aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-        return h, aux
+        new_cache = None if cache is None else {"layers": new_unrolled, "scanned": new_scanned}
+        return h, aux, new_cache
+
+    def init_cache(self, batch: int, max_length: int, max_new_per_step: int = 1) -> dict:
+        """Empty caches for every decoder layer and MTP layer.
+
+        Args:
+          batch: sequences.
+          max_length: longest total length (prompt + generated); global layers keep this many.
+          max_new_per_step: most tokens one step writes (1 + draft tokens); SWA and MTP rings keep
+            ``sliding_window + max_new_per_step`` slots.
+
+        Returns:
+          {"layers": [KVCache per unrolled layer], "scanned": [KVCache per period slot, stacked
+          over repeats], "mtp": [KVCache per MTP layer]}.
+        """
+        args = (batch, max_length, max_new_per_step)
+        scanned = [
+            jax.tree.map(
+                lambda x: jnp.broadcast_to(x, (self.plan.repeats, *x.shape)),
+                _sliced_attention(m, self.cfg).init_cache(*args),
+            )
+            for m in self.scanned
+        ]
+        return {
+            "layers": [m.self_attn.init_cache(*args) for m in self.layers],
+            "scanned": scanned,
+            "mtp": [m.self_attn.init_cache(*args) for m in self.mtp],
+        }
 
     def __call__(
         self,
@@ -254,7 +315,7 @@ class MiMoV2Flash(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         h = self.embed_tokens(input_ids)  # [B, T, D]
-        h, aux = self.decoder(h, positions, routing)
+        h, aux, _ = self.decoder(h, positions, routing)
         hidden = self.norm(h)
         logits = self.lm_head(hidden).astype(jnp.float32)  # [B, T, V]
         mtp_logits, mtp_hidden = [], []
@@ -264,10 +325,16 @@ class MiMoV2Flash(nnx.Module):
                 # Depth k at position i consumes token i+k+1 (and that token's position). The
                 # wrapped tail positions have no label and are masked out of the loss.
                 ids_k = jnp.roll(input_ids, -(k + 1), axis=1)
-                h_prev = layer(self.embed_tokens(ids_k), h_prev, positions + k + 1)
+                h_prev, _ = layer(self.embed_tokens(ids_k), h_prev, positions + k + 1)
                 mtp_hidden.append(h_prev)
                 mtp_logits.append(self.lm_head(h_prev).astype(jnp.float32))
         return ModelOutput(logits, tuple(mtp_logits), hidden, tuple(mtp_hidden), aux)
+
+
+def _sliced_attention(stacked: DecoderLayer, cfg: ModelConfig) -> Attention:
+    """The (config-only) attention of one repeat of a stacked layer, to size its cache."""
+    layer_type = "sliding_attention" if stacked.self_attn.is_sliding else "full_attention"
+    return nnx.eval_shape(lambda: Attention(cfg, layer_type, rngs=nnx.Rngs(0)))
 
 
 def _stacked_layer(

@@ -15,6 +15,7 @@ from flax import nnx
 
 from mimo_jax import sharding as sh
 from mimo_jax.attention import Attention
+from mimo_jax.cache import KVCache
 from mimo_jax.config import SLIDING, ModelConfig
 from mimo_jax.layers import MLP, Linear, RMSNorm
 
@@ -39,18 +40,30 @@ class MTPLayer(nnx.Module):
         """eh_proj(concat(enorm(emb), hnorm(h_prev))): [B, T, D] x2 -> [B, T, D]."""
         return self.eh_proj(jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
 
-    def __call__(self, emb: jax.Array, h_prev: jax.Array, positions: jax.Array) -> jax.Array:
-        """Runs the block over a whole sequence.
+    def __call__(
+        self,
+        emb: jax.Array,
+        h_prev: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        lengths: jax.Array | None = None,
+        offset: int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs the block (cache semantics as ``Attention.__call__``).
 
         Args:
           emb: [B, T, D] embeddings of the tokens k+1 ahead.
           h_prev: [B, T, D] previous depth's (post-norm) hidden states.
           positions: int [B, T] positions of the embedded tokens.
+          cache: optional KVCache of this block.
+          lengths: int [B] (prefill only) valid entries per row.
+          offset: (prefill only) position of entry 0.
 
         Returns:
-          [B, T, D] post-``final_layernorm`` hidden states.
+          ([B, T, D] post-``final_layernorm`` hidden states, the updated cache or None).
         """
         u = self.fuse(emb, h_prev)
-        u = u + self.self_attn(self.input_layernorm(u), positions)
+        attn, cache = self.self_attn(self.input_layernorm(u), positions, cache, lengths, offset)
+        u = u + attn
         u = u + self.mlp(self.post_attention_layernorm(u))
-        return self.final_layernorm(u)
+        return self.final_layernorm(u), cache

@@ -5,7 +5,7 @@ the sink term, so p = exp(s - lse) is the sink-aware softmax). With delta = rows
 
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q
 
-Two kernels, each visiting only blocks inside the causal window (bounds from ``flash``):
+Two kernels, each visiting only blocks inside the causal window (bounds from ``flash_common``):
 
 * dq: program per (b, n, q block); folds the q block's window kv blocks (as the forward).
 * dk/dv: program per (b, kv head, kv block); folds every query head of the group and every q block
@@ -33,7 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import flash
-from pallas_kernels.flash import NT_DIMS, TN_DIMS, div, precision, visible
+from pallas_kernels import flash_common as common
+from pallas_kernels.flash_common import NT_DIMS, TN_DIMS, div, precision, visible
 
 
 def _recompute(q, k, v, do, lse, delta, mask, *, scale):
@@ -96,7 +97,7 @@ def flash_dq_kernel(
     """Grid schedule: program (b, n, qi, j) adds the j-th window kv block's term to dq."""
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
     qi, j = pl.program_id(2), pl.program_id(3)
-    lo, hi = flash.kv_block_bounds(qi, **flash._fwd_bounds_kwargs(cfg))
+    lo, hi = common.kv_block_bounds(qi, **common.fwd_bounds_kwargs(cfg))
     ki = lo + j
 
     @pl.when(j == 0)
@@ -132,7 +133,7 @@ def flash_dq_loop_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
     whole [Sp, H] / [Sp, P] sequence of the kv head."""
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
     qi = pl.program_id(2)
-    lo, hi = flash.kv_block_bounds(qi, **flash._fwd_bounds_kwargs(cfg))
+    lo, hi = common.kv_block_bounds(qi, **common.fwd_bounds_kwargs(cfg))
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_pos = _q_positions(cfg, qi, bq)
 
@@ -186,7 +187,7 @@ def flash_dkdv_kernel(
     ``kh * G + t // q_steps`` into kv block ki's gradients."""
     bq, bk = cfg.block_sizes.block_q_dkv, cfg.block_sizes.block_kv_dkv
     ki, t = pl.program_id(2), pl.program_id(3)
-    lo, hi = flash.q_block_bounds(ki, **_dkdv_bounds_kwargs(cfg))
+    lo, hi = common.q_block_bounds(ki, **_dkdv_bounds_kwargs(cfg))
     qi = lo + lax.rem(t, q_steps)
 
     @pl.when(t == 0)
@@ -234,7 +235,7 @@ def flash_dkdv_loop_kernel(
     """Loop schedule: program (b, kh, ki) loops over the group's heads and the window q blocks."""
     bq, bk = cfg.block_sizes.block_q_dkv, cfg.block_sizes.block_kv_dkv
     ki = pl.program_id(2)
-    lo, hi = flash.q_block_bounds(ki, **_dkdv_bounds_kwargs(cfg))
+    lo, hi = common.q_block_bounds(ki, **_dkdv_bounds_kwargs(cfg))
     k, v = k_ref[...], v_ref[...]
     kv_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
 
@@ -273,7 +274,7 @@ def _dq_call(q, k, v, do, lse, delta, cfg):
     kv_heads, sp, pp = k.shape[1], k.shape[2], v.shape[3]
     g = n // kv_heads
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
-    bounds = functools.partial(flash.kv_block_bounds, **flash._fwd_bounds_kwargs(cfg))
+    bounds = functools.partial(common.kv_block_bounds, **common.fwd_bounds_kwargs(cfg))
     if cfg.mode == "grid":
 
         def kv_index(bi, ni, qi, j):
@@ -283,13 +284,13 @@ def _dq_call(q, k, v, do, lse, delta, cfg):
         def q_index(bi, ni, qi, j):
             return bi, ni, qi, 0
 
-        grid = (b, n, tp // bq, flash.num_kv_steps(**flash._fwd_bounds_kwargs(cfg)))
+        grid = (b, n, tp // bq, common.num_kv_steps(**common.fwd_bounds_kwargs(cfg)))
         kv_specs = [
             pl.BlockSpec((None, None, bk, hp), kv_index),
             pl.BlockSpec((None, None, bk, pp), kv_index),
         ]
         kernel = functools.partial(flash_dq_kernel, cfg=cfg)
-        scratch_shapes = [flash.scratch((bq, hp))]
+        scratch_shapes = [common.scratch((bq, hp))]
         semantics = ("parallel", "parallel", "parallel", "arbitrary")
     else:
 
@@ -321,7 +322,7 @@ def _dq_call(q, k, v, do, lse, delta, cfg):
         out_specs=pl.BlockSpec((None, None, bq, hp), q_index),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=scratch_shapes,
-        compiler_params=flash.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
+        compiler_params=common.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
         interpret=cfg.interpret,
         name="mimo_flash_dq",
     )(q, k, v, do, lse, delta)
@@ -333,13 +334,13 @@ def _dkdv_call(q, k, v, do, lse, delta, cfg):
     kv_heads, sp, pp = k.shape[1], k.shape[2], v.shape[3]
     g = n // kv_heads
     bq, bk = cfg.block_sizes.block_q_dkv, cfg.block_sizes.block_kv_dkv
-    bounds = functools.partial(flash.q_block_bounds, **_dkdv_bounds_kwargs(cfg))
+    bounds = functools.partial(common.q_block_bounds, **_dkdv_bounds_kwargs(cfg))
     out_shape = (
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
     )
     if cfg.mode == "grid":
-        q_steps = flash.num_q_steps(**_dkdv_bounds_kwargs(cfg))
+        q_steps = common.num_q_steps(**_dkdv_bounds_kwargs(cfg))
 
         def q_index(bi, kh, ki, t):
             lo, hi = bounds(ki)
@@ -356,7 +357,7 @@ def _dkdv_call(q, k, v, do, lse, delta, cfg):
             pl.BlockSpec((None, None, bq, 1), q_index),
         ]
         kernel = functools.partial(flash_dkdv_kernel, cfg=cfg, q_steps=q_steps)
-        scratch_shapes = [flash.scratch((bk, hp)), flash.scratch((bk, pp))]
+        scratch_shapes = [common.scratch((bk, hp)), common.scratch((bk, pp))]
         semantics = ("parallel", "parallel", "parallel", "arbitrary")
     else:
         # Block G along the head axis: block index kh covers query heads kh * G .. kh * G + G - 1.
@@ -393,7 +394,7 @@ def _dkdv_call(q, k, v, do, lse, delta, cfg):
         ],
         out_shape=out_shape,
         scratch_shapes=scratch_shapes,
-        compiler_params=flash.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
+        compiler_params=common.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
         interpret=cfg.interpret,
         name="mimo_flash_dkdv",
     )(q, k, v, do, lse, delta)
@@ -417,12 +418,12 @@ def flash_backward(q, k, v, sinks, out, lse, do, cfg):
     # delta_i = dO_i . O_i = sum_j p_ij (dO_i . v_j); fp32, padded rows get 0.
     delta = jnp.einsum("btnp,btnp->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tp - t)))[..., None]  # [B, N, Tp, 1]
-    dok = flash.to_kernel_layout(do.astype(q.dtype), tp, pp)  # [B, N, Tp, Pp]
+    dok = common.to_kernel_layout(do.astype(q.dtype), tp, pp)  # [B, N, Tp, Pp]
     dq = _dq_call(qk, kk, vk, dok, lse, delta, cfg)
     dk, dv = _dkdv_call(qk, kk, vk, dok, lse, delta, cfg)
-    dq = flash.from_kernel_layout(dq, t, q.shape[-1])
-    dk = flash.from_kernel_layout(dk, k.shape[1], k.shape[-1])
-    dv = flash.from_kernel_layout(dv, v.shape[1], p_dim)
+    dq = common.from_kernel_layout(dq, t, q.shape[-1])
+    dk = common.from_kernel_layout(dk, k.shape[1], k.shape[-1])
+    dv = common.from_kernel_layout(dv, v.shape[1], p_dim)
     # dsinks[n] = -sum_{b, i} exp(sink_n - lse_bni) * delta_bni (derivation in the module doc).
     lse_rows, delta_rows = lse[:, :, :t, 0], delta[:, :, :t, 0]  # [B, N, T]
     p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_rows)

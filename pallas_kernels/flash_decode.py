@@ -9,7 +9,8 @@ slot order.
 All G query heads of a kv head and all T queries are stacked into the rows of one tile
 ([G * T, H], row r = g * T + t), so each kv block is read once per kv head and the matmuls have
 G * T rows instead of T. Each program folds the cache blocks with the same online-softmax step as
-the prefill kernel (``flash._online_softmax_step``), the running max starting at the row's sink.
+the prefill kernel (``flash_common.online_softmax_step``), the running max starting at the row's
+sink.
 The cache is small (a window or one sequence), so every block is visited; there is no window
 skipping here because slot order says nothing about position.
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import flash
+from pallas_kernels import flash_common as common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class _DecodeConfig:
     has_sinks: bool
     block_kv: int
     interpret: bool
-    mode: flash.Mode
+    mode: common.Mode
 
 
 def flash_decode_kernel(
@@ -60,13 +61,13 @@ def flash_decode_kernel(
 
     @pl.when(j == 0)
     def _init():
-        m, l = flash._init_stats(None if sinks_ref is None else sinks_ref[...], rows)
+        m, l = common.init_stats(None if sinks_ref is None else sinks_ref[...], rows)
         m_scratch[...] = m
         l_scratch[...] = l
         acc_scratch[...] = jnp.zeros_like(acc_scratch)
 
-    mask = flash.visible(q_pos_ref[...], kv_pos_ref[...], causal=cfg.causal, window=cfg.window)
-    m, l, acc = flash._online_softmax_step(
+    mask = common.visible(q_pos_ref[...], kv_pos_ref[...], causal=cfg.causal, window=cfg.window)
+    m, l, acc = common.online_softmax_step(
         q_ref[...],
         k_ref[...],
         v_ref[...],
@@ -82,7 +83,7 @@ def flash_decode_kernel(
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _store():
-        o, _ = flash._finalize(m_scratch[...], l_scratch[...], acc_scratch[...])
+        o, _ = common.finalize(m_scratch[...], l_scratch[...], acc_scratch[...])
         o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -104,15 +105,15 @@ def flash_decode_loop_kernel(
 
     def body(ki, carry):
         cols = pl.ds(ki * bk, bk)
-        mask = flash.visible(q_pos, kv_pos_ref[:, cols], causal=cfg.causal, window=cfg.window)
-        return flash._online_softmax_step(
+        mask = common.visible(q_pos, kv_pos_ref[:, cols], causal=cfg.causal, window=cfg.window)
+        return common.online_softmax_step(
             q, k_ref[cols, :], v_ref[cols, :], mask, *carry, scale=cfg.scale
         )
 
-    m, l = flash._init_stats(None if sinks_ref is None else sinks_ref[...], rows)
+    m, l = common.init_stats(None if sinks_ref is None else sinks_ref[...], rows)
     acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
     m, l, acc = lax.fori_loop(0, k_ref.shape[0] // bk, body, (m, l, acc))
-    o, _ = flash._finalize(m, l, acc)
+    o, _ = common.finalize(m, l, acc)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -145,9 +146,9 @@ def _decode_call(sinks, q_pos, kv_pos, q, k, v, cfg: _DecodeConfig):
         ]
         out_spec = pl.BlockSpec((None, None, r, pp), lambda bi, kh, j: (bi, kh, 0, 0))
         scratch_shapes = [
-            flash.scratch((r, 1)),
-            flash.scratch((r, 1)),
-            flash.scratch((r, pp)),
+            common.scratch((r, 1)),
+            common.scratch((r, 1)),
+            common.scratch((r, pp)),
         ]
         kernel = flash_decode_kernel
         semantics = ("parallel", "parallel", "arbitrary")
@@ -178,7 +179,7 @@ def _decode_call(sinks, q_pos, kv_pos, q, k, v, cfg: _DecodeConfig):
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((b, kv_heads, r, pp), q.dtype),
         scratch_shapes=scratch_shapes,
-        compiler_params=flash.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
+        compiler_params=common.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
         interpret=cfg.interpret,
         name="mimo_flash_decode",
     )(*operands)
@@ -192,19 +193,19 @@ def _decode(q, k, v, sinks, q_positions, kv_positions, cfg: _DecodeConfig):
     r = g * t
     # Row tiles: 8 sublanes on TPU; power-of-two tiles of at least 16 rows for Triton's dot.
     r_mult = 8 if cfg.mode == "grid" else max(16, 1 << (r - 1).bit_length())
-    hm, pm = flash.head_dim_multiple(cfg.mode, h), flash.head_dim_multiple(cfg.mode, p)
+    hm, pm = common.head_dim_multiple(cfg.mode, h), common.head_dim_multiple(cfg.mode, p)
     qr = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, r, h)
-    qr = flash._pad_axis(flash._pad_axis(qr, 2, r_mult), 3, hm)  # [B, K, Rp, Hp]
+    qr = common.pad_axis(common.pad_axis(qr, 2, r_mult), 3, hm)  # [B, K, Rp, Hp]
     rp = qr.shape[2]
     q_pos = jnp.tile(q_positions.astype(jnp.int32), (1, g))  # [B, G * T], row g * T + t
     q_pos = jnp.pad(q_pos, ((0, 0), (0, rp - r)), constant_values=-1)[..., None]  # [B, Rp, 1]
-    row_sinks = flash.sinks_operand(sinks, n).reshape(kv_heads, g, 1)
+    row_sinks = common.sinks_operand(sinks, n).reshape(kv_heads, g, 1)
     row_sinks = jnp.repeat(row_sinks, t, axis=1)  # [K, G * T, 1]
     row_sinks = jnp.pad(row_sinks, ((0, 0), (0, rp - r), (0, 0)))  # [K, Rp, 1]
     kv_pos = kv_positions.astype(jnp.int32)
     kv_pos = jnp.pad(kv_pos, ((0, 0), (0, (-s) % cfg.block_kv)), constant_values=-1)[:, None]
-    kk = flash.to_kernel_layout(k, cfg.block_kv, hm)  # [B, K, Sp, Hp]
-    vk = flash.to_kernel_layout(v, cfg.block_kv, pm)  # [B, K, Sp, Pp]
+    kk = common.to_kernel_layout(k, cfg.block_kv, hm)  # [B, K, Sp, Hp]
+    vk = common.to_kernel_layout(v, cfg.block_kv, pm)  # [B, K, Sp, Pp]
     o = _decode_call(row_sinks, q_pos, kv_pos, qr, kk, vk, cfg)  # [B, K, Rp, Pp]
     o = o[:, :, :r, :p].reshape(b, kv_heads, g, t, p)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, p)  # [B, T, N, P]
@@ -235,9 +236,9 @@ def decode_attention(
     sliding_window: int | None = None,
     causal: bool = True,
     scale: float | None = None,
-    block_sizes: flash.BlockSizes | None = None,
+    block_sizes: common.BlockSizes | None = None,
     interpret: bool | None = None,
-    mode: flash.Mode | None = None,
+    mode: common.Mode | None = None,
 ) -> jax.Array:
     """Attention of a few new queries to a position-tagged KV cache (forward only).
 
@@ -254,8 +255,8 @@ def decode_attention(
     Returns:
       [B, T, N, P] in q's dtype; rows with nothing visible and no sink are 0.
     """
-    block_sizes = block_sizes or flash.BlockSizes.get_default()
-    mode = flash.resolve_mode(mode)
+    block_sizes = block_sizes or common.BlockSizes.get_default()
+    mode = common.pallas_call_mode(common.resolve_mode(mode))
     block_kv = block_sizes.block_kv_decode
     if mode == "loop" and block_kv & (block_kv - 1):
         raise ValueError(f"loop (Triton) mode needs a power-of-two block_kv_decode, got {block_kv}")
@@ -265,7 +266,7 @@ def decode_attention(
         scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
         has_sinks=sinks is not None,
         block_kv=block_kv,
-        interpret=flash.resolve_interpret(interpret),
+        interpret=common.resolve_interpret(interpret),
         mode=mode,
     )
     if sinks is None:

@@ -65,7 +65,7 @@ def test_mtp_chain_semantics():
     h = out.hidden
     for k in range(3):
         emb = model.embed_tokens(jnp.roll(ids, -(k + 1), axis=1))
-        h = model.mtp[k](emb, h, pos + k + 1)
+        h, _ = model.mtp[k](emb, h, pos + k + 1)
         want = model.lm_head(h)
         assert np.max(np.abs(out.mtp_logits[k] - want)) < 1e-5
     # Causality: changing token j leaves depth k's outputs before j - k - 1 unchanged.

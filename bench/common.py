@@ -1,0 +1,78 @@
+"""Shared pieces of the JAX-vs-transformers benchmarks (``forward_vs_torch``, ``train_vs_torch``).
+
+Importing this module puts the repository root on ``sys.path``, so a bench script run as
+``python bench/<name>.py`` can then import ``mimo_jax`` and ``configs``; import it before them.
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from mimo_jax import hf  # noqa: E402  (needs the path above)
+
+RESULTS = os.path.join(REPO, "bench", "results")
+
+
+def perturb_sinks_and_bias(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random attention sinks and expert correction biases, in place.
+
+    transformers initialises both to constants, which would leave the sink and bias code paths
+    of a comparison untested; random values make both sides route and attend alike for real.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+
+
+def to_jax(model: torch.nn.Module, **overrides):
+    """Our MiMoV2Flash with the same weights: ``save_pretrained`` then ``hf.load_hf``.
+
+    Going through the checkpoint format (rather than copying tensors) also exercises the
+    converter that real checkpoints take.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return hf.load_hf(tmp, **overrides)
+
+
+def median_seconds(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``runs`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def host_info() -> dict:
+    """CPU count, architecture and load average: timings on a shared host need the load."""
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_1_5_15": list(os.getloadavg()),
+    }
+
+
+def write_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
