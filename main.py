@@ -2,17 +2,25 @@
 
   python main.py --config=configs/tiny.py --workdir=runs/tiny        # train (default)
   python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
+  python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_tokens=3
   python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
   python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
 """
 
+import os
+import shutil
+import sys
+
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mimo_jax import checkpoint, hf, train
+from mimo_jax import checkpoint, data, hf, train
+from mimo_jax.generate import generate
 
-MODES = ("train", "eval", "import_hf", "export_hf")
+MODES = ("train", "eval", "generate", "import_hf", "export_hf")
+TOKENIZER_FILE = "tokenizer.json"
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: model config, checkpoints, metrics.")
@@ -20,6 +28,13 @@ flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (import source / export target).")
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Import: storage dtype override.")
 flags.DEFINE_bool("overwrite", False, "Export: replace an existing --hf_dir.")
+flags.DEFINE_string("prompt", "def ", "Generate: the prompt text.")
+flags.DEFINE_integer("max_new_tokens", 200, "Generate: tokens to generate.")
+flags.DEFINE_float("temperature", 0.0, "Generate: 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Generate: top-k filter (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Generate: nucleus mass (1 = off).")
+flags.DEFINE_integer("num_draft_tokens", 0, "Generate: MTP draft tokens per step (0..3).")
+flags.DEFINE_integer("seed", 0, "Generate: sampling seed.")
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -32,6 +47,8 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str | None = None) -> None
     if ckpt.latest_step() is not None:
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir")
     checkpoint.save_model_config(workdir, model.cfg)
+    if os.path.exists(os.path.join(hf_dir, TOKENIZER_FILE)):
+        shutil.copy(os.path.join(hf_dir, TOKENIZER_FILE), os.path.join(workdir, TOKENIZER_FILE))
     ckpt.save(0, model)
     ckpt.close()
     logging.info("imported %s -> %s", hf_dir, workdir)
@@ -41,6 +58,36 @@ def export_hf(workdir: str, hf_dir: str, overwrite: bool = False) -> None:
     """Workdir's latest checkpoint -> HF checkpoint directory."""
     hf.save_hf(checkpoint.load_model(workdir), hf_dir, overwrite=overwrite)
     logging.info("exported %s -> %s", workdir, hf_dir)
+
+
+def generate_text(workdir: str) -> str:
+    """Loads the workdir's model (and tokenizer.json if present, else bytes) and prints a
+    continuation of --prompt."""
+    model = checkpoint.load_model(workdir)
+    tok_path = os.path.join(workdir, TOKENIZER_FILE)
+    tokenizer = data.load_tokenizer(tok_path if os.path.exists(tok_path) else None)
+    ids = tokenizer.encode(FLAGS.prompt)
+    if len(ids) == 0:
+        raise app.UsageError("--prompt must not be empty")
+    res = generate(
+        model,
+        np.asarray(ids)[None],
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        num_draft_tokens=FLAGS.num_draft_tokens,
+        eos_token_id=model.cfg.eos_token_id,
+        seed=FLAGS.seed,
+    )
+    new = np.asarray(res.tokens[0, len(ids) : int(res.lengths[0])])
+    text = tokenizer.decode(new)
+    sys.stdout.write(FLAGS.prompt + text + "\n")
+    print(
+        f"[{len(new)} tokens, {int(res.num_steps)} steps, mean accepted length "
+        f"{float(res.mean_accepted_length):.2f}]"
+    )
+    return text
 
 
 def main(argv):
@@ -54,6 +101,8 @@ def main(argv):
     elif FLAGS.mode == "eval":
         metrics = train.eval_only(FLAGS.config, FLAGS.workdir)
         print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    elif FLAGS.mode == "generate":
+        generate_text(FLAGS.workdir)
     elif FLAGS.mode == "import_hf":
         import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.param_dtype)
     elif FLAGS.mode == "export_hf":

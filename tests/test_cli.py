@@ -79,3 +79,36 @@ def test_config_dict_errors():
         from_config_dict({"num_layers": 2, "hidden_size": 3})
     with pytest.raises(ValueError, match="num_layers=3 but layer_types lists 2"):
         from_config_dict({"num_layers": 3, "layer_types": ["full_attention"] * 2})
+
+
+def test_train_eval_generate_commands(tmp_path):
+    wd = str(tmp_path / "run")
+    small = [
+        "--config=configs/debug.py",
+        f"--workdir={wd}",
+        "--config.data.max_bytes=200000",
+        "--config.train.steps=6",
+        "--config.train.batch_size=2",
+        "--config.train.seq_len=32",
+        "--config.train.log_every=3",
+        "--config.train.eval_every=6",
+        "--config.train.eval_batches=1",
+        "--config.train.checkpoint_every=6",
+        "--config.train.sample_len=8",
+    ]
+    r = _main(*small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--- sample ---" in r.stdout
+    r = _main("--mode=eval", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "val_bpb=" in r.stdout and "val_loss=" in r.stdout
+    r = _main(
+        "--mode=generate", f"--workdir={wd}", "--prompt=def f", "--max_new_tokens=12",
+        "--num_draft_tokens=1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("def f") and "mean accepted length" in r.stdout
+    r = _main("--mode=generate", f"--workdir={wd}", "--num_draft_tokens=2")
+    assert r.returncode != 0 and "num_draft_tokens=2" in r.stderr
+    r = _main(*small, "--config.train.no_such_key=1")
+    assert r.returncode != 0 and "no_such_key" in r.stderr
