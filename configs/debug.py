@@ -21,7 +21,7 @@ def get_config():
         num_experts_per_tok=2,
         num_mtp_layers=1,
         max_position_embeddings=1024,
-        dtype="float32",
+        dtype="auto",  # bf16 on accelerators, fp32 on CPU
         param_dtype="float32",
     )
     return c

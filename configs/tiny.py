@@ -22,7 +22,7 @@ def get_config():
         num_experts_per_tok=2,
         num_mtp_layers=3,
         max_position_embeddings=4096,
-        dtype="float32",
+        dtype="auto",  # bf16 on accelerators, fp32 on CPU
         param_dtype="float32",
         initializer_range=0.02,
     )

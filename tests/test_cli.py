@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import mimo_jax
-from mimo_jax import checkpoint, hf
+from mimo_jax import checkpoint, hf, train
 from mimo_jax.config import from_config_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def test_shipped_configs_build(path):
     spec = importlib.util.spec_from_file_location("cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = from_config_dict(mod.get_config().model.to_dict())
+    cfg = train.model_config(mod.get_config())  # resolves dtype='auto'
     model = nnx.eval_shape(lambda: mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
     assert len(model.mtp) == cfg.num_mtp_layers
 

@@ -104,3 +104,42 @@ def test_other_model_in_workdir_is_refused(tmp_path):
     with pytest.raises(ValueError, match="embed_dim"):
         train.train_and_evaluate(c, wd)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
+    wd = str(tmp_path / "run")
+    train.train_and_evaluate(_config(steps=2, checkpoint_every=2, eval_every=2), wd)
+    step_dir = os.path.join(wd, "checkpoints", "2")
+    # Damage every data file of the saved model state.
+    damaged = []
+    for root, _, files in os.walk(step_dir):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.getsize(path) > 0 and "model" in root:
+                with open(path, "r+b") as fh:
+                    fh.truncate(os.path.getsize(path) // 2)
+                damaged.append(path)
+    assert damaged
+    snapshot = {p: open(p, "rb").read() for p in damaged}
+    with pytest.raises(ValueError, match="checkpoint step 2 .* unreadable"):
+        train.train_and_evaluate(_config(steps=4), wd)
+    assert {p: open(p, "rb").read() for p in damaged} == snapshot
+
+
+def test_remat_gives_the_same_gradients():
+    c = _config()
+    cfg = train.model_config(c)
+    tokens = jax.random.randint(jax.random.key(0), (2, 33), 0, 256)
+
+    def grads(remat):
+        model = train.MiMoV2Flash(cfg.replace(remat=remat), rngs=nnx.Rngs(0))
+
+        def loss(m):
+            out = m(tokens[:, :-1])
+            return train.compute_loss(out, tokens[:, 1:], mtp_weight=0.3, aux_weight=1e-2)[0]
+
+        return jax.jit(nnx.grad(loss))(model)
+
+    a, b = grads(False), grads(True)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.max(np.abs(np.asarray(x) - np.asarray(y))) < 1e-6
