@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -120,10 +121,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
                     fh.truncate(os.path.getsize(path) // 2)
                 damaged.append(path)
     assert damaged
-    snapshot = {p: open(p, "rb").read() for p in damaged}
+    snapshot = {p: pathlib.Path(p).read_bytes() for p in damaged}
     with pytest.raises(ValueError, match="checkpoint step 2 .* unreadable"):
         train.train_and_evaluate(_config(steps=4), wd)
-    assert {p: open(p, "rb").read() for p in damaged} == snapshot
+    assert {p: pathlib.Path(p).read_bytes() for p in damaged} == snapshot
 
 
 def test_remat_gives_the_same_gradients():
