@@ -1,10 +1,10 @@
 """mimo-jax command line. Flags are parsed here; everything else is a library call.
 
-  python main.py --config=configs/tiny.py --workdir=runs/tiny        # train (default)
-  python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
-  python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_tokens=3
-  python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
-  python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
+python main.py --config=configs/tiny.py --workdir=runs/tiny        # train (default)
+python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
+python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_tokens=3
+python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
+python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
 """
 
 import os
