@@ -7,6 +7,7 @@ python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
 python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
 """
 
+import codecs
 import os
 import shutil
 import sys
@@ -69,6 +70,13 @@ def generate_text(workdir: str) -> str:
     ids = tokenizer.encode(FLAGS.prompt)
     if len(ids) == 0:
         raise app.UsageError("--prompt must not be empty")
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(FLAGS.prompt)
+
+    def stream(new_tokens):  # printed as the device loop commits them
+        sys.stdout.write(utf8.decode(tokenizer.decode_bytes(new_tokens)))
+        sys.stdout.flush()
+
     res = generate(
         model,
         np.asarray(ids)[None],
@@ -79,10 +87,11 @@ def generate_text(workdir: str) -> str:
         num_draft_tokens=FLAGS.num_draft_tokens,
         eos_token_id=model.cfg.eos_token_id,
         seed=FLAGS.seed,
+        stream=stream,
     )
+    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
     new = np.asarray(res.tokens[0, len(ids) : int(res.lengths[0])])
     text = tokenizer.decode(new)
-    sys.stdout.write(FLAGS.prompt + text + "\n")
     print(
         f"[{len(new)} tokens, {int(res.num_steps)} steps, mean accepted length "
         f"{float(res.mean_accepted_length):.2f}]"

@@ -1,23 +1,34 @@
 """Decoding: prefill, a device-side token loop, sampling, MTP speculative decoding.
 
-Each loop step (``num_draft_tokens = d``):
-  1. Draft: MTP depth k runs on the d + 1 positions that follow its previous step (catching up on
-     the tokens the main model just accepted, whose hidden states are now known) and drafts the
-     token after the newest one; depth k + 1 consumes that draft and depth k's hidden state.
+Each loop step (``num_draft_tokens = d``), with ``base`` the position of the newest committed token:
+  1. Draft: every MTP depth k runs on the 2d indices ``base - a - d .. base - a + d - 1`` (index i
+     consumes token i + k + 1 and depth k - 1's hidden state at i; ``a`` is the previous step's
+     accepted count), and the query at index ``base - 1`` drafts token ``base + k + 1``; depth
+     k + 1 consumes that draft and depth k's hidden states.
   2. Verify: the main model runs on [newest committed token, d drafts] in one pass over its cache.
   3. Accept the longest agreeing prefix plus one token from the main model (greedy: equality;
      sampling: rejection sampling, so the output distribution is the main model's own), then
      invalidate the cache slots of rejected tokens.
 With d = 0 this is plain decoding. Everything after argument checks runs in one ``jax.jit``.
+
+Why 2d MTP indices and not d + 1: depth k's cache entry at position P depends on every token up
+to P, and a step keeps depth k's entries up to ``base + k``, i.e. ones built from this step's
+drafts. When the main model rejects some of those drafts, the entries are stale; starting the
+next step d - 1 indices earlier rewrites them (and, in the first step, writes the entries of
+positions ``L .. L + k - 1`` that the prefill could not, token L being unknown then). Stale MTP
+entries never change the output, only the drafts, so they show up as lower acceptance only. The
+main model's hidden states of the last 2d indices are carried from step to step for this.
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from mimo_jax.cache import max_new_per_step
 from mimo_jax.model import MiMoV2Flash
 
 
@@ -80,17 +91,28 @@ def _set(x, idx, val, keep=None):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new", "d", "temperature", "top_k", "top_p", "eos", "pad"),
+    static_argnames=(
+        "graphdef",
+        "max_new",
+        "d",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos",
+        "pad",
+        "stream",
+    ),
 )
 def _generate(
-    state, graphdef, ids, lengths, key, *, max_new, d, temperature, top_k, top_p, eos, pad
+    state, graphdef, ids, lengths, key, *, max_new, d, temperature, top_k, top_p, eos, pad, stream
 ):
     model: MiMoV2Flash = nnx.merge(graphdef, state)
     b, t = ids.shape
     width = d + 1  # tokens per verify step
+    mw = 2 * d  # MTP indices per step (see the module docstring)
     # Room for the furthest position a step can touch: MTP depth d - 1 reads up to 2d ahead.
     max_len = t + max_new + 2 * width
-    cache = model.init_cache(b, max_len, width)
+    cache = model.init_cache(b, max_len, max_new_per_step(d))
     rows = jnp.arange(b)
 
     # Prefill: main model over the prompt, then every MTP depth over it (depth k's entry i sits
@@ -98,7 +120,7 @@ def _generate(
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     h, _, dec = model.decoder(model.embed_tokens(ids), pos, None, cache, lengths)
     hidden = model.norm(h)  # [B, T, D]
-    mtp_cache = list(cache["mtp"])
+    mtp_cache = list(cache["mtp"][:d])
     h_prev = hidden
     for k in range(d):
         emb = model.embed_tokens(jnp.roll(ids, -(k + 1), axis=1))
@@ -110,14 +132,23 @@ def _generate(
     first, _ = _pick(model.lm_head(last_hidden), sub, temperature, top_k, top_p)
     tokens = jnp.full((b, max_len), pad, jnp.int32).at[:, :t].set(ids)
     tokens = tokens.at[rows, lengths].set(first)
+    if stream is not None:  # row 0's tokens go to the host as soon as they are committed
+        jax.debug.callback(stream, first[:1], jnp.ones((), jnp.int32), ordered=True)
 
-    # Loop state: verify inputs started at p0; hid = main hidden states there; a = accepted.
+    # Loop state: the last verify started at p0 and accepted a drafts; hid holds the main
+    # model's hidden states at indices p0 - d + 1 .. p0 + d (valid up to p0 + a), the inputs of
+    # MTP depth 0. The prefill stands in for a verify at p0 = length - 1 with a = 0.
+    p0 = lengths - 1
+    hid_idx = p0[:, None] - d + 1 + jnp.arange(max(mw, 1))[None]  # [B, 2d]
+    hid = jnp.where(
+        (hid_idx >= 0)[..., None], _take(hidden, jnp.clip(hid_idx, 0, t - 1)), 0
+    ).astype(hidden.dtype)  # [B, 2d, D]; entries past p0 only feed discarded MTP queries
     loop = dict(
         tokens=tokens,
         dec=dec,
         mtp=mtp_cache,
-        p0=lengths - 1,
-        hid=jnp.zeros((b, width, hidden.shape[-1]), hidden.dtype).at[:, 0].set(last_hidden),
+        p0=p0,
+        hid=hid,
         a=jnp.zeros((b,), jnp.int32),
         n_new=jnp.ones((b,), jnp.int32),
         done=(first == eos) if eos is not None else jnp.zeros((b,), bool),
@@ -128,6 +159,7 @@ def _generate(
         active_steps=jnp.zeros((), jnp.int32),
     )
     offs = jnp.arange(width, dtype=jnp.int32)[None]  # [1, d + 1]
+    m_offs = jnp.arange(mw, dtype=jnp.int32)[None]  # [1, 2d]
 
     def cond(s):
         return jnp.any(~s["done"] & (s["n_new"] < max_new))
@@ -138,21 +170,24 @@ def _generate(
         base = s["p0"] + s["a"] + 1  # position of the newest committed token
         mtp_cache, draft_probs = list(s["mtp"]), []
         h_in = s["hid"]
+        idx = s["p0"][:, None] - d + 1 + m_offs  # [B, 2d] MTP indices; base - 1 is at d - 1 + a
         for k in range(d):
-            pos_k = s["p0"][:, None] + 1 + k + offs  # [B, d + 1]
-            emb = model.embed_tokens(_take(tokens, pos_k))
-            h_k, c = model.mtp[k](emb, h_in, pos_k, mtp_cache[k])
+            pos_k = idx + k + 1  # positions of the consumed tokens (and of the cache entries)
+            emb = model.embed_tokens(_take(tokens, jnp.maximum(pos_k, 0)))
+            # Indices before the sequence start (short prompts) neither write nor see keys.
+            h_k, c = model.mtp[k](emb, h_in, jnp.where(idx >= 0, pos_k, -1), mtp_cache[k])
             mtp_cache[k] = c.truncate(base + k + 1)  # positions past the newest draft input
             key, sub = jax.random.split(key)
-            y, q = _pick(model.lm_head(h_k[rows, s["a"]]), sub, temperature, top_k, top_p)
+            h_draft = h_k[rows, d - 1 + s["a"]]  # index base - 1 -> token base + k + 1
+            y, q = _pick(model.lm_head(h_draft), sub, temperature, top_k, top_p)
             tokens = _set(tokens, (base + 1 + k)[:, None], y[:, None])
             draft_probs.append(q)
             h_in = h_k
 
         pos_v = base[:, None] + offs  # [B, d + 1]
         h, _, dec = model.decoder(model.embed_tokens(_take(tokens, pos_v)), pos_v, None, s["dec"])
-        hid = model.norm(h)  # [B, d + 1, D]
-        logits = model.lm_head(hid)  # [B, d + 1, V]
+        hv = model.norm(h)  # [B, d + 1, D] main hidden states at base .. base + d
+        logits = model.lm_head(hv)  # [B, d + 1, V]
         drafts = _take(tokens, pos_v[:, 1:])  # [B, d]
         key, sub = jax.random.split(key)
         if temperature == 0:
@@ -182,10 +217,22 @@ def _generate(
         # A finished row keeps its state: its writes land past its length and are invalidated.
         new_a = jnp.where(active, new_a, s["a"])
         p0 = jnp.where(active, base, s["p0"])
-        hid = jnp.where(active[:, None, None], hid, s["hid"])
+        if d:
+            # Next step's indices base - d + 1 .. base + d: the d - 1 before base come from the
+            # old buffer (old index p0 - d + 1 + j sits at j), the rest from this verify.
+            m = m_offs[0]
+            src = jnp.where(m < d - 1, s["a"][:, None] + 1 + m[None], mw + m[None] - (d - 1))
+            hid = _take(jnp.concatenate([s["hid"], hv], axis=1), src)  # [B, 2d, D]
+            hid = jnp.where(active[:, None, None], hid, s["hid"])
+        else:
+            hid = s["hid"]
         keep_len = p0 + new_a + 1  # main cache holds positions < keep_len
         dec = _truncate_all(dec, keep_len)
         committed = jnp.where(active, new_a + 1, 0)
+        if stream is not None:
+            count = jnp.minimum(committed[0], max_new - s["n_new"][0])
+            new_tokens = _take(tokens, base[:, None] + 1 + offs)[0]  # [d + 1]
+            jax.debug.callback(stream, new_tokens, count, ordered=True)
         n_new = s["n_new"] + committed
         done = s["done"]
         if eos is not None:
@@ -218,6 +265,21 @@ def _generate(
     return s
 
 
+class _Stream:
+    """Host side of ``stream``: slices the fixed-size device buffer to its valid part.
+
+    Hashable by identity so it can be a static argument of the jitted loop.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, tokens, count):
+        n = int(count)
+        if n > 0:
+            self.fn(np.asarray(tokens)[:n])
+
+
 def _truncate_all(dec, keep_len):
     """Invalidates slots at positions >= keep_len [B] in every decoder cache (stacked too)."""
     layers = [c.truncate(keep_len) for c in dec["layers"]]
@@ -242,6 +304,7 @@ def generate(
     prompt_lengths=None,
     padding_side: str = "right",
     seed: int = 0,
+    stream: Callable[[np.ndarray], None] | None = None,
 ) -> GenerateResult:
     """Generates continuations, optionally with MTP speculative decoding.
 
@@ -258,6 +321,9 @@ def generate(
       prompt_lengths: int [B] valid prompt tokens per row (default: all T).
       padding_side: "right" or "left": where the padding of shorter prompts is.
       seed: sampling seed.
+      stream: optional ``stream(new_tokens)``, called from the device loop (in order) with row
+        0's newly committed tokens (int32 [n]), including any EOS and nothing past
+        ``max_new_tokens``.
 
     Returns:
       GenerateResult.
@@ -316,6 +382,7 @@ def generate(
         top_p=float(top_p),
         eos=eos_token_id,
         pad=pad_token_id,
+        stream=None if stream is None else _Stream(stream),
     )
     return _finish(s, ids, lengths, max_new_tokens, num_draft_tokens, eos_token_id, pad_token_id)
 

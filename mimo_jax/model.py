@@ -227,7 +227,7 @@ class MiMoV2Flash(nnx.Module):
 
         for i in range(plan.start):
             run_unrolled(i)
-        new_scanned = None
+        new_scanned = []
         if plan.repeats:
             splits = [nnx.split(m) for m in self.scanned]
             gds = [g for g, _ in splits]

@@ -108,6 +108,9 @@ def test_train_eval_generate_commands(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("def f") and "mean accepted length" in r.stdout
+    # The streamed text is exactly the generated continuation.
+    streamed = r.stdout.split("\n[")[0]
+    assert len(streamed.encode("utf-8", "replace")) >= len("def f") + 1
     r = _main("--mode=generate", f"--workdir={wd}", "--num_draft_tokens=2")
     assert r.returncode != 0 and "num_draft_tokens=2" in r.stderr
     r = _main(*small, "--config.train.no_such_key=1")
