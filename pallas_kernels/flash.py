@@ -63,6 +63,7 @@ from pallas_kernels.flash_common import (
     num_kv_steps,
     num_q_steps,
     online_softmax_step,
+    online_softmax_update,
     pallas_call_mode,
     q_block_bounds,
     resolve_interpret,
@@ -138,19 +139,9 @@ def flash_fwd_kernel(
         q_pos = cfg.kv_len - cfg.q_len + qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         kv_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         mask = visible(q_pos, kv_pos, causal=cfg.causal, window=cfg.window, kv_len=cfg.kv_len)
-        m, l, acc = online_softmax_step(
-            q_ref[...],
-            k_ref[...],
-            v_ref[...],
-            mask,
-            m_scratch[...],
-            l_scratch[...],
-            acc_scratch[...],
-            scale=cfg.scale,
+        online_softmax_update(
+            q_ref, k_ref, v_ref, mask, m_scratch, l_scratch, acc_scratch, scale=cfg.scale
         )
-        m_scratch[...] = m
-        l_scratch[...] = l
-        acc_scratch[...] = acc
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _store():

@@ -208,6 +208,16 @@ def online_softmax_step(q, k, v, mask, m_prev, l_prev, acc_prev, *, scale):
     return m, l, acc
 
 
+def online_softmax_update(q_ref, k_ref, v_ref, mask, m_ref, l_ref, acc_ref, *, scale):
+    """``online_softmax_step`` on scratch refs: the grid schedule's running max / sum / output."""
+    m, l, acc = online_softmax_step(
+        q_ref[...], k_ref[...], v_ref[...], mask, m_ref[...], l_ref[...], acc_ref[...], scale=scale
+    )
+    m_ref[...] = m
+    l_ref[...] = l
+    acc_ref[...] = acc
+
+
 def init_stats(sink, block_q):
     """Running (max, denominator) before any key: the sink column, or an empty row."""
     if sink is None:

@@ -67,19 +67,9 @@ def flash_decode_kernel(
         acc_scratch[...] = jnp.zeros_like(acc_scratch)
 
     mask = common.visible(q_pos_ref[...], kv_pos_ref[...], causal=cfg.causal, window=cfg.window)
-    m, l, acc = common.online_softmax_step(
-        q_ref[...],
-        k_ref[...],
-        v_ref[...],
-        mask,
-        m_scratch[...],
-        l_scratch[...],
-        acc_scratch[...],
-        scale=cfg.scale,
+    common.online_softmax_update(
+        q_ref, k_ref, v_ref, mask, m_scratch, l_scratch, acc_scratch, scale=cfg.scale
     )
-    m_scratch[...] = m
-    l_scratch[...] = l
-    acc_scratch[...] = acc
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _store():
