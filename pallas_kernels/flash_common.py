@@ -124,36 +124,22 @@ def q_block_bounds(ki, *, block_q, block_kv, q_len, kv_len, causal, window, xp=j
     return lo, hi
 
 
+def _max_blocks(bounds, n_blocks, **kw) -> int:
+    """The most blocks ``bounds`` gives any of ``n_blocks`` outer blocks (at least 1)."""
+    lo, hi = bounds(np.arange(n_blocks), xp=np, **kw)
+    return max(1, int(np.max(hi - lo + 1)))
+
+
 def num_kv_steps(*, block_q, block_kv, q_len, kv_len, causal, window) -> int:
     """Static grid extent of the kv axis: the most kv blocks any q block visits (at least 1)."""
-    qi = np.arange(pl.cdiv(q_len, block_q))
-    lo, hi = kv_block_bounds(
-        qi,
-        block_q=block_q,
-        block_kv=block_kv,
-        q_len=q_len,
-        kv_len=kv_len,
-        causal=causal,
-        window=window,
-        xp=np,
-    )
-    return max(1, int(np.max(hi - lo + 1)))
+    kw = dict(block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len, causal=causal)
+    return _max_blocks(kv_block_bounds, pl.cdiv(q_len, block_q), window=window, **kw)
 
 
 def num_q_steps(*, block_q, block_kv, q_len, kv_len, causal, window) -> int:
     """Static grid extent of the q axis of the dk/dv kernel (per query head of the group)."""
-    ki = np.arange(pl.cdiv(kv_len, block_kv))
-    lo, hi = q_block_bounds(
-        ki,
-        block_q=block_q,
-        block_kv=block_kv,
-        q_len=q_len,
-        kv_len=kv_len,
-        causal=causal,
-        window=window,
-        xp=np,
-    )
-    return max(1, int(np.max(hi - lo + 1)))
+    kw = dict(block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len, causal=causal)
+    return _max_blocks(q_block_bounds, pl.cdiv(kv_len, block_kv), window=window, **kw)
 
 
 def precision(x):
