@@ -36,6 +36,15 @@ flags.DEFINE_integer("top_k", 0, "Generate: top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Generate: nucleus mass (1 = off).")
 flags.DEFINE_integer("num_draft_tokens", 0, "Generate: MTP draft tokens per step (0..3).")
 flags.DEFINE_integer("seed", 0, "Generate: sampling seed.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Multi-host: call jax.distributed.initialize() (auto-detected on "
+    "TPU pods, SLURM, Open MPI; or give --coordinator_address etc.).",
+)
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -102,7 +111,15 @@ def generate_text(workdir: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.info("jax %s, devices %s", jax.__version__, jax.devices())
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        # Before anything touches a device: every process then sees the global device list.
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    logging.info("jax %s, process %d/%d, devices %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices())  # fmt: skip
     if FLAGS.mode in ("import_hf", "export_hf") and not FLAGS.hf_dir:
         raise app.UsageError(f"--mode={FLAGS.mode} needs --hf_dir")
     if FLAGS.mode == "train":

@@ -13,6 +13,10 @@ Full attention at the longest T is the point of the comparison but takes minutes
 records the load average: on a shared machine absolute times inflate, the ratios much less.
 
 Usage: python bench/attention.py [--seqs 2048,8192] [--heads 8] [--kv_heads 2] [--window 129]
+       python bench/attention.py --quick   # seconds: small sizes, T = 128..512, no JSON w/o --out
+
+``sweep(args)`` runs the rows and returns times by mode; ``notebooks/03_attention_kernels.ipynb``
+plots it.
 """
 
 import argparse
@@ -34,8 +38,22 @@ from pallas_kernels import attention  # noqa: E402
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention.json")
 
 
+# --quick: a smoke-sized sweep (seconds on a CPU) for tests and notebooks; explicit flags still win.
+QUICK = dict(
+    seqs="128,256,512", heads=4, kv_heads=2, head_dim=64, v_head_dim=32, window=33, repeats=2,
+    out="",
+)  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line flags; defaults are MiMo-V2-Flash SWA head dims with fewer heads."""
+    """Command-line flags; defaults are MiMo-V2-Flash SWA head dims with fewer heads.
+
+    Args:
+      argv: flags without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+      The parsed flags; with ``--quick`` the defaults are the ``QUICK`` sizes.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seqs", default="2048,8192", help="comma-separated T (= S) values")
     parser.add_argument("--batch", type=int, default=1)
@@ -49,8 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--full_repeats", type=int, default=1, help="timed steps for full attention at T >= 8192"
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path ('' = none)")
+    parser.add_argument("--quick", action="store_true", help="small sizes; a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:  # re-parse so that flags given explicitly override the quick sizes
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    return args
 
 
 def make_step(args: argparse.Namespace, window: int | None):
@@ -142,18 +165,41 @@ def print_table(rows: list[dict], seqs: list[int]) -> dict:
     return ratios
 
 
+def sweep(args: argparse.Namespace) -> dict:
+    """Runs every (mode, T) row: SWA and full attention at each sequence length of ``args``.
+
+    Args:
+      args: parsed flags (``parse_args``).
+
+    Returns:
+      Dict with ``seqs`` (sorted T values), ``rows`` (``run_row`` results, SWA rows first),
+      ``median_s`` and ``temp_bytes``: mode -> one value per T.
+    """
+    seqs = sorted(int(s) for s in args.seqs.split(","))
+    rows = [run_row(args, mode, t) for mode in ("swa", "full") for t in seqs]
+    by_mode = {m: [r for r in rows if r["mode"] == m] for m in ("swa", "full")}
+    return dict(
+        seqs=seqs,
+        rows=rows,
+        median_s={m: [r["median_s"] for r in rs] for m, rs in by_mode.items()},
+        temp_bytes={m: [r["temp_bytes"] for r in rs] for m, rs in by_mode.items()},
+    )
+
+
 def main(argv=None) -> None:
     """Runs every (mode, T) row, prints the table and writes the JSON results."""
     args = parse_args(argv)
-    seqs = sorted(int(s) for s in args.seqs.split(","))
     print(
         f"attention xla fwd+bwd on {jax.devices()[0].platform} ({os.cpu_count()} cores): "
         f"B={args.batch} N={args.heads} K={args.kv_heads} H={args.head_dim} "
         f"P={args.v_head_dim} W={args.window} {args.dtype}",
         flush=True,
     )
-    rows = [run_row(args, mode, t) for mode in ("swa", "full") for t in seqs]
+    result = sweep(args)
+    seqs, rows = result["seqs"], result["rows"]
     ratios = print_table(rows, seqs)
+    if not args.out:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result = dict(
         config={k: v for k, v in vars(args).items() if k != "out"},

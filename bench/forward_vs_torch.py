@@ -7,6 +7,7 @@ forward jitted, after warmup, synchronised with ``block_until_ready``; the torch
 ``torch.no_grad`` with one thread per core. Reports the median of several runs as tokens/s.
 
     python bench/forward_vs_torch.py [--batch 4 --seq 512 ...]
+    python bench/forward_vs_torch.py --quick    # seconds: a smoke-sized model, no JSON
 
 Writes bench/results/forward_vs_torch.json.
 """
@@ -24,8 +25,15 @@ from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 from mimo_jax.config import FULL, SLIDING
 
+# --quick: a smoke-sized run (seconds on a CPU) for tests; explicit flags still win.
+QUICK = dict(
+    batch=1, seq=48, hidden=32, layers=2, heads=4, kv_heads=1, head_dim=24, v_head_dim=8,
+    mlp_dim=64, moe_mlp_dim=16, experts=4, top_k=2, vocab=128, window=17, warmup=0, runs=1, out="",
+)  # fmt: skip
 
-def parse_args() -> argparse.Namespace:
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags (``argv`` without the program name; default ``sys.argv[1:]``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
@@ -45,8 +53,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
-    p.add_argument("--out", default=os.path.join(common.RESULTS, "forward_vs_torch.json"))
-    return p.parse_args()
+    p.add_argument(
+        "--out", default=os.path.join(common.RESULTS, "forward_vs_torch.json"), help="'' = none"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one run; a smoke test")
+    a = p.parse_args(argv)
+    if a.quick:  # re-parse so that flags given explicitly override the quick sizes
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+    return a
 
 
 def torch_model(a: argparse.Namespace) -> MiMoV2FlashForCausalLM:
@@ -87,8 +102,16 @@ def torch_model(a: argparse.Namespace) -> MiMoV2FlashForCausalLM:
     return model
 
 
-def main():
-    a = parse_args()
+def main(argv=None) -> dict:
+    """Runs the comparison, prints the table, writes the JSON (unless ``--out ''``).
+
+    Args:
+      argv: flags without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+      The result dict (also the JSON's content).
+    """
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     tm = torch_model(a)
     model = common.to_jax(tm, moe_impl=a.moe_impl)
@@ -157,7 +180,9 @@ def main():
         f"speedup jax / torch: {torch_s / jax_s:.2f}x   (jit compile + first run {compile_s:.1f}s)"
     )
     print(f"max |logits diff|: {max_diff:.3g}   (max |logits| {result['max_abs_logit']:.3g})")
-    common.write_json(result, a.out)
+    if a.out:
+        common.write_json(result, a.out)
+    return result
 
 
 if __name__ == "__main__":

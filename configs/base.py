@@ -18,6 +18,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = model_dict()
 
+    # Device mesh (data, fsdp, expert, tensor; one -1 takes the remaining devices) and the rule
+    # preset of mimo_jax/sharding.py that maps parameters and batches onto it.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1, 1)
+    c.mesh.rules = "fsdp"
+
     c.data = ml_collections.ConfigDict()
     # "stdlib": this Python's own standard library sources, byte-tokenised (embedded default).
     # "files": token files (.bin / .npy) or text files tokenised with `tokenizer`.

@@ -146,8 +146,8 @@ class Attention(nnx.Module):
         if cache is None:
             return self.attend(q, k, v), None
         if lengths is not None:
-            return self.attend(q, k, v), cache.fill(k, v, lengths, offset)
-        cache = cache.write(k, v, positions)
+            return self.attend(q, k, v), cache.fill(k, v, lengths, offset).constrained()
+        cache = cache.write(k, v, positions).constrained()
         out = self.attend(q, cache.k, cache.v, q_positions=positions, kv_positions=cache.pos)
         return out, cache
 

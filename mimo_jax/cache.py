@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from mimo_jax import sharding as sh
+
 
 @struct.dataclass
 class KVCache:
@@ -34,6 +36,15 @@ class KVCache:
     @property
     def size(self) -> int:
         return self.pos.shape[-1]
+
+    def constrained(self) -> "KVCache":
+        """The cache in the layout of the active rule preset (batch and kv heads sharded)."""
+        kv = (sh.BATCH, None, sh.KV_HEADS, None)
+        return KVCache(
+            sh.constrain(self.k, kv),
+            sh.constrain(self.v, kv),
+            sh.constrain(self.pos, (sh.BATCH, None)),
+        )
 
     @classmethod
     def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, v_head_dim: int, dtype):

@@ -118,7 +118,12 @@ class Checkpointer:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Restore targets: shape, dtype and the target's own sharding (so a checkpoint written on
+    one mesh restores straight into the layout of another; None for abstract models)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
 
 
 def load_model(workdir: str, step: int | None = None, **overrides) -> MiMoV2Flash:

@@ -62,7 +62,10 @@ class ModelConfig:
       dtype: compute dtype of activations ("float32" or "bfloat16").
       param_dtype: storage dtype of parameters (the router stays float32 regardless).
       attention_impl: "xla" or "pallas" (``pallas_kernels.attention`` implementation).
-      moe_impl: "dense" (reference), "ragged" (sorted grouped matmul) or "expert_parallel".
+      moe_impl: "dense" (reference), "ragged" (sorted grouped matmul) or "expert_parallel"
+        (experts sharded over the mesh, tokens exchanged with all-to-all; needs ``use_mesh``).
+      moe_capacity_factor: expert_parallel only: 0 is dropless (worst-case buffers); c > 0 keeps
+        c times an even share of slots per peer and drops the overflow (reported in aux).
       scan_layers: run repeated layer periods under ``jax.lax.scan``.
       remat: rematerialise each decoder layer in the backward pass.
     """
@@ -104,6 +107,7 @@ class ModelConfig:
     param_dtype: str = "bfloat16"
     attention_impl: Literal["xla", "pallas"] = "xla"
     moe_impl: Literal["dense", "ragged", "expert_parallel"] = "ragged"
+    moe_capacity_factor: float = 0.0
     scan_layers: bool = True
     remat: bool = False
 
@@ -188,6 +192,8 @@ class ModelConfig:
             fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
         if self.moe_impl not in MOE_IMPLS:
             fail("moe_impl", f"must be one of {MOE_IMPLS}")
+        if self.moe_capacity_factor < 0:
+            fail("moe_capacity_factor", "must be >= 0 (0 = dropless)")
 
     # ----------------------------------------------------------------------------------------
     # Derived values.

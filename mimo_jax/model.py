@@ -36,7 +36,8 @@ class ModelOutput:
       hidden: [B, T, D] post-norm hidden states (the input of MTP depth 0).
       mtp_hidden: one [B, T, D] per MTP depth (post ``final_layernorm``).
       aux: ``expert_load`` [L, E], ``routing`` int32 [L, B, T, k] (-1 on dense layers),
-        ``seq_aux_loss`` [L] (0 on dense layers).
+        ``seq_aux_loss`` [L] (0 on dense layers), ``dropped_fraction`` [L] (expert_parallel
+        with a capacity factor; else 0).
     """
 
     logits: jax.Array
@@ -138,8 +139,10 @@ class DecoderLayer(nnx.Module):
                 "expert_load": jnp.zeros((self.cfg.num_experts,), jnp.float32),
                 "routing": jnp.full((b, t, self.cfg.num_experts_per_tok), -1, jnp.int32),
                 "seq_aux_loss": jnp.zeros((), jnp.float32),
+                "dropped_fraction": jnp.zeros((), jnp.float32),
             }
-        return h + y, aux, cache
+        # Block boundary: the activation layout the rule preset names (batch-sharded).
+        return sh.constrain(h + y, (sh.BATCH, None, None)), aux, cache
 
 
 def _run_layer(graphdef, state, h, positions, routing, cache, lengths, remat: bool):
@@ -314,7 +317,7 @@ class MiMoV2Flash(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        h = self.embed_tokens(input_ids)  # [B, T, D]
+        h = sh.constrain(self.embed_tokens(input_ids), (sh.BATCH, None, None))  # [B, T, D]
         h, aux, _ = self.decoder(h, positions, routing)
         hidden = self.norm(h)
         logits = self.lm_head(hidden).astype(jnp.float32)  # [B, T, V]

@@ -6,9 +6,19 @@ renormalised, times ``routed_scaling_factor``. No shared expert.
 
 Expert computation has interchangeable implementations over the same parameters:
   * ``dense``: every expert on every token, one-hot combine. The reference; O(T * E).
-  * ``ragged``: sort the (token, expert) pairs by expert and run grouped matmuls
-    (``jax.lax.ragged_dot``); dropless, O(T * k).
+  * ``ragged``: sort the (token, expert) pairs by expert and run grouped matmuls; dropless,
+    O(T * k). On GPU/TPU the grouped matmul is ``jax.lax.ragged_dot`` (a grouped GEMM there). On
+    CPU, where XLA lowers ``ragged_dot`` to a dot against every expert plus a mask (E / k times
+    the work), it is blocked instead (the MegaBlocks layout, Gale et al. 2022): each expert's
+    assignments are padded to a multiple of b rows, so every block of b rows belongs to one
+    expert, and one batched matmul multiplies each block by its expert's gathered weights; at
+    most T * k + E * b rows for any routing. ``grouped_matmul`` exposes both.
+  * ``expert_parallel``: experts sharded over the mesh, tokens exchanged with all-to-all
+    (``expert_parallel.py``); dropless unless ``moe_capacity_factor`` > 0.
 """
+
+import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +26,7 @@ from flax import nnx
 
 from mimo_jax import sharding as sh
 from mimo_jax.config import ModelConfig
+from mimo_jax.expert_parallel import expert_parallel_moe
 
 
 class ExpertBias(nnx.Variable):
@@ -92,17 +103,17 @@ class MoE(nnx.Module):
         self.router = Router(cfg, rngs=rngs)
         self.wi_gate = nnx.Param(
             init(rngs.params(), (e, d, m), pd),
-            out_sharding=(sh.EXPERT, sh.EMBED, sh.MOE_MLP),
+            out_sharding=(sh.EXPERT, sh.EXPERT_EMBED, sh.MOE_MLP),
             eager_sharding=False,
         )
         self.wi_up = nnx.Param(
             init(rngs.params(), (e, d, m), pd),
-            out_sharding=(sh.EXPERT, sh.EMBED, sh.MOE_MLP),
+            out_sharding=(sh.EXPERT, sh.EXPERT_EMBED, sh.MOE_MLP),
             eager_sharding=False,
         )
         self.wo = nnx.Param(
             init(rngs.params(), (e, m, d), pd),
-            out_sharding=(sh.EXPERT, sh.MOE_MLP, sh.EMBED),
+            out_sharding=(sh.EXPERT, sh.MOE_MLP, sh.EXPERT_EMBED),
             eager_sharding=False,
         )
         self.cfg = cfg
@@ -118,7 +129,8 @@ class MoE(nnx.Module):
 
         Returns:
           y [B, T, D] and aux: ``expert_load`` [E] (assignments per expert), ``routing``
-          int32 [B, T, k], ``seq_aux_loss`` [] (DeepSeek-V3 sequence-wise balance loss, unweighted).
+          int32 [B, T, k], ``seq_aux_loss`` [] (DeepSeek-V3 sequence-wise balance loss, unweighted),
+          ``dropped_fraction`` [] (assignments dropped by an expert_parallel capacity, else 0).
         """
         cfg = self.cfg
         b, t, d = x.shape
@@ -127,16 +139,22 @@ class MoE(nnx.Module):
         replay = None if routing is None else routing.reshape(b * t, k)
         weights, idx, scores = self.router(flat, replay)  # [BT, k], [BT, k], [BT, E]
         dtype = jnp.dtype(cfg.dtype)
+        dropped = jnp.zeros((), jnp.float32)
         if cfg.moe_impl == "dense":
             y = self._dense(flat.astype(dtype), weights, idx)
         elif cfg.moe_impl == "ragged":
             y = self._ragged(flat.astype(dtype), weights, idx)
         else:
-            raise NotImplementedError(
-                f"moe_impl={cfg.moe_impl!r} needs a device mesh; it is not implemented yet "
-                "(use 'dense' or 'ragged')"
+            y, dropped = expert_parallel_moe(
+                flat.astype(dtype),
+                weights,
+                idx,
+                *self._weights(dtype),
+                grouped_matmul=grouped_matmul,
+                capacity_factor=cfg.moe_capacity_factor,
             )
         aux = {
+            "dropped_fraction": dropped,
             "expert_load": jnp.zeros((cfg.num_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0),
             "routing": idx.reshape(b, t, k),
             "seq_aux_loss": _sequence_aux_loss(scores.reshape(b, t, -1), idx.reshape(b, t, k), cfg),
@@ -163,17 +181,29 @@ class MoE(nnx.Module):
         return jnp.einsum("ted,te->td", out.astype(jnp.float32), combine)
 
     def _ragged(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
-        """Dropless grouped matmul: sort assignments by expert, ragged_dot, scatter back."""
+        """Dropless grouped matmul: sort assignments by expert, grouped matmuls, scatter back.
+
+        Args:
+          x: [T, D] tokens.
+          weights: [T, k] fp32 gate weights.
+          idx: int [T, k] expert ids.
+
+        Returns:
+          [T, D] fp32.
+        """
         wg, wu, wo = self._weights(x.dtype)
         t, k = idx.shape
         flat_idx = idx.reshape(-1)  # [T*k]
-        order = jnp.argsort(flat_idx, stable=True)  # [T*k]
+        order = jnp.argsort(flat_idx, stable=True)  # [T*k] assignments sorted by expert
+        group_sizes = jnp.bincount(flat_idx, length=self.cfg.num_experts).astype(jnp.int32)  # [E]
+        if grouped_matmul_impl() == "blocked":
+            return _blocked_experts(x, weights, order, group_sizes, wg, wu, wo)
         token = order // k  # source token of each sorted assignment
         xs = jnp.take(x, token, axis=0)  # [T*k, D]
-        group_sizes = jnp.bincount(flat_idx, length=self.cfg.num_experts).astype(jnp.int32)  # [E]
-        gate = jax.lax.ragged_dot(xs, wg, group_sizes)  # [T*k, M]
-        up = jax.lax.ragged_dot(xs, wu, group_sizes)
-        out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, wo, group_sizes)  # [T*k, D]
+        gate = grouped_matmul(xs, wg, group_sizes, implementation="ragged_dot")  # [T*k, M]
+        up = grouped_matmul(xs, wu, group_sizes, implementation="ragged_dot")
+        h = jax.nn.silu(gate) * up
+        out = grouped_matmul(h, wo, group_sizes, implementation="ragged_dot")  # [T*k, D]
         w = jnp.take(weights.reshape(-1), order)[:, None]  # [T*k, 1]
         return jax.ops.segment_sum(out.astype(jnp.float32) * w, token, num_segments=t)  # [T, D]
 
@@ -198,3 +228,168 @@ def _sequence_aux_loss(scores: jax.Array, idx: jax.Array, cfg: ModelConfig) -> j
     f = counts * (e / (k * t))
     p = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)  # [B, E]
     return jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped matmul: rows sorted by expert times that expert's weights.
+
+GroupedMatmulImpl = Literal["auto", "blocked", "ragged_dot"]
+
+
+def grouped_matmul_impl(implementation: GroupedMatmulImpl = "auto") -> str:
+    """Resolves ``"auto"``: ``"blocked"`` on the CPU backend, ``"ragged_dot"`` elsewhere.
+
+    XLA:CPU lowers ``jax.lax.ragged_dot`` to a dot against every expert followed by a mask (E / k
+    times the useful FLOPs); GPU and TPU lower it to a grouped GEMM, which beats padding to blocks.
+    """
+    if implementation == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    if implementation not in ("blocked", "ragged_dot"):
+        raise ValueError(
+            f"implementation must be 'auto', 'blocked' or 'ragged_dot', got {implementation!r}"
+        )
+    return implementation
+
+
+def default_block_size(rows: int, num_groups: int) -> int:
+    """The block size b of the blocked grouped matmul for R rows over E experts.
+
+    Padding costs up to b - 1 rows per expert, E * b / 2 in all on average; a power of two near
+    R / (4E) keeps that near R / 8 while blocks stay large enough for efficient batched matmuls.
+    Clamped to [8, 128]: 8 is a few SIMD rows; beyond 128 rows a block gains nothing on CPU.
+
+    Args:
+      rows: R.
+      num_groups: E.
+
+    Returns:
+      b, a power of two.
+    """
+    target = max(rows // (4 * num_groups), 1)
+    return int(min(128, max(8, 2 ** math.floor(math.log2(target)))))
+
+
+def _block_layout(
+    group_sizes: jax.Array, rows: int, block: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Places expert-sorted rows into blocks of ``block`` rows, each block owned by one expert.
+
+    Expert e's rows are padded up to a multiple of b, so it owns ceil(g_e / b) consecutive
+    blocks. nb = ceil(R / b) + E - 1 blocks always suffice: sum_e ceil(g_e / b) is an integer
+    below sum_e (g_e / b + 1) <= R / b + E. Blocks past the last group hold no rows.
+
+    Args:
+      group_sizes: int [E] rows per expert; sum <= R.
+      rows: R, the static row count.
+      block: b.
+
+    Returns:
+      block_expert int32 [nb] (the expert owning each block; E - 1 for the empty tail blocks),
+      slot_row int32 [nb * b] (the sorted row held by each padded slot; R when empty),
+      row_slot int32 [R] (the padded slot of each row; nb * b for rows past sum(group_sizes)).
+    """
+    e = group_sizes.shape[0]
+    nb = -(-rows // block) + e - 1
+    group_sizes = group_sizes.astype(jnp.int32)
+    row_end = jnp.cumsum(group_sizes)  # [E] one past each group's last row
+    row_start = row_end - group_sizes
+    block_end = jnp.cumsum((group_sizes + block - 1) // block)  # [E]
+    block_start = block_end - (group_sizes + block - 1) // block  # [E] first block of each group
+    owner = jnp.searchsorted(block_end, jnp.arange(nb), side="right")  # [nb]; E past the end
+    block_expert = jnp.minimum(owner, e - 1).astype(jnp.int32)
+    offset = (
+        jnp.arange(nb * block).reshape(nb, block) - (block_start[block_expert] * block)[:, None]
+    )
+    valid = (owner < e)[:, None] & (offset < group_sizes[block_expert][:, None])  # [nb, b]
+    slot_row = jnp.where(valid, row_start[block_expert][:, None] + offset, rows).reshape(-1)
+    r = jnp.arange(rows)
+    row_expert = jnp.searchsorted(row_end, r, side="right")  # [R]; E past sum(group_sizes)
+    re = jnp.minimum(row_expert, e - 1)
+    row_slot = jnp.where(row_expert < e, block_start[re] * block + r - row_start[re], nb * block)
+    return block_expert, slot_row.astype(jnp.int32), row_slot.astype(jnp.int32)
+
+
+def _block_matmul(xb: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
+    """[nb, b, D] blocks times their experts' [D, M] weights -> [nb, b, M] (one batched dot).
+
+    Gathering the weights per block ([nb, D, M]) costs nb * D * M copies, about R * M: small next
+    to the matmul's R * D * M multiply-adds; its gradient is a scatter-add back onto [E, D, M].
+    """
+    return jnp.einsum("jbd,jdm->jbm", xb, jnp.take(w, block_expert, axis=0))
+
+
+def grouped_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    implementation: GroupedMatmulImpl = "auto",
+    block_size: int | None = None,
+) -> jax.Array:
+    """Multiplies each group of expert-sorted rows by its expert's weights (dropless).
+
+    Rows [sum(g[:e]), sum(g[:e + 1])) use ``w[e]``; rows past sum(group_sizes) come out as zeros
+    (as with ``jax.lax.ragged_dot``). Differentiable in ``x`` and ``w``.
+
+    Args:
+      x: [R, D] rows sorted by expert.
+      w: [E, D, M] expert weights.
+      group_sizes: int [E] rows per expert, sum <= R.
+      implementation: "blocked" (pad each group to blocks of ``block_size`` rows, one batched
+        matmul; cheap on CPU), "ragged_dot" (``jax.lax.ragged_dot``; a grouped GEMM on GPU/TPU,
+        every expert masked on CPU) or "auto" (blocked on CPU, ragged_dot elsewhere).
+      block_size: b for "blocked"; default ``default_block_size(R, E)``.
+
+    Returns:
+      [R, M] in the result dtype of ``x @ w``.
+    """
+    if grouped_matmul_impl(implementation) == "ragged_dot":
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    r, d = x.shape
+    b = block_size or default_block_size(r, w.shape[0])
+    block_expert, slot_row, row_slot = _block_layout(group_sizes, r, b)
+    nb = block_expert.shape[0]
+    xb = jnp.take(x, slot_row, axis=0, mode="fill", fill_value=0).reshape(nb, b, d)  # [nb, b, D]
+    yb = _block_matmul(xb, w, block_expert).reshape(nb * b, -1)  # [nb * b, M]
+    return jnp.take(yb, row_slot, axis=0, mode="fill", fill_value=0)  # [R, M]
+
+
+def _blocked_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    order: jax.Array,
+    group_sizes: jax.Array,
+    wg: jax.Array,
+    wu: jax.Array,
+    wo: jax.Array,
+) -> jax.Array:
+    """The whole SwiGLU expert FFN in the blocked layout (CPU path of ``MoE._ragged``).
+
+    Three ``grouped_matmul`` calls would pad and unpad around each matmul; here tokens are
+    gathered straight into the padded blocks once, gate/up/down all run on blocks, and the
+    combine sums the blocks back onto tokens (half the time of three separate calls on CPU).
+
+    Args:
+      x: [T, D] tokens.
+      weights: [T, k] gate weights.
+      order: int [T*k] flat assignment indices sorted by expert.
+      group_sizes: int [E] assignments per expert.
+      wg, wu: [E, D, M] gate / up weights; wo: [E, M, D].
+
+    Returns:
+      [T, D] fp32.
+    """
+    (t, d), k = x.shape, weights.shape[1]
+    r = t * k
+    b = default_block_size(r, wg.shape[0])
+    block_expert, slot_row, _ = _block_layout(group_sizes, r, b)
+    nb = block_expert.shape[0]
+    valid = slot_row < r  # [nb * b] padding slots are False
+    assign = jnp.take(order, slot_row, mode="fill", fill_value=0)  # [nb * b] flat assignment
+    token = jnp.where(valid, assign // k, t)  # t: out of range, dropped by the combine
+    xb = jnp.take(x, token, axis=0, mode="fill", fill_value=0).reshape(nb, b, d)  # [nb, b, D]
+    gate = _block_matmul(xb, wg, block_expert)  # [nb, b, M]
+    up = _block_matmul(xb, wu, block_expert)
+    out = _block_matmul(jax.nn.silu(gate) * up, wo, block_expert).reshape(nb * b, d)
+    w = jnp.where(valid, jnp.take(weights.reshape(-1), assign), 0.0)[:, None]  # [nb * b, 1]
+    return jax.ops.segment_sum(out.astype(jnp.float32) * w, token, num_segments=t)  # [T, D]

@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from mimo_jax import checkpoint, data
+from mimo_jax import sharding as sh
 from mimo_jax.config import SPARSE, ModelConfig, from_config_dict
 from mimo_jax.model import MiMoV2Flash, ModelOutput
 
@@ -143,8 +144,17 @@ def update_expert_bias(model: MiMoV2Flash, expert_load: jax.Array, rate: float) 
 # Steps.
 
 
-def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict):
-    """A jitted ``(state, tokens [A, B, T + 1]) -> (state, metrics)`` over A accumulation steps."""
+def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict, shardings=None):
+    """A jitted ``(state, tokens [A, B, T + 1]) -> (state, metrics)`` over A accumulation steps.
+
+    Args:
+      graphdef: graph definition of ``(model, optimizer)``.
+      cfg: model config.
+      tc: ``config.train``.
+      shardings: optional NamedShardings of the ``(model, optimizer)`` state (from
+        ``sharding.state_shardings``, under ``use_mesh``): the state keeps exactly this layout
+        from step to step and the batch is sharded along its batch dim.
+    """
     schedule = learning_rate_schedule(tc)
 
     def loss_fn(model, tokens):
@@ -152,6 +162,9 @@ def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict):
         loss, metrics = compute_loss(
             out, tokens[:, 1:], mtp_weight=tc.mtp_loss_weight, aux_weight=tc.aux_loss_weight
         )
+        # Share of expert assignments an expert_parallel capacity dropped, mean over MoE layers.
+        n_moe = max(1, sum(k == SPARSE for k in cfg.mlp_layer_types))
+        metrics["dropped_fraction"] = jnp.sum(out.aux["dropped_fraction"]) / n_moe
         return loss, (metrics, out.aux["expert_load"])
 
     def step(state, tokens):
@@ -186,7 +199,12 @@ def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict):
         )
         return nnx.state((model, opt)), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    batch = sh.batch_sharding(3, batch_dim=1)
+    return jax.jit(
+        step, donate_argnums=0, in_shardings=(shardings, batch), out_shardings=(shardings, None)
+    )
 
 
 def make_eval_step(graphdef):
@@ -214,7 +232,7 @@ def evaluate(model: MiMoV2Flash, val_tokens: np.ndarray, ec, bytes_per_token: fl
     for batch in data.eval_batches(
         val_tokens, batch_size=ec.batch_size, seq_len=ec.seq_len, max_batches=ec.eval_batches
     ):
-        m = step(state, jnp.asarray(batch))
+        m = step(state, sh.put_batch(batch))
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
         n += 1
     if not n:
@@ -233,12 +251,18 @@ class MetricsWriter:
     """Writes scalars to ``metrics.jsonl`` and TensorBoard event files under the workdir."""
 
     def __init__(self, workdir: str):
+        # Multi-host: every process computes the same metrics; process 0 alone writes them.
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
         from tensorboardX import SummaryWriter  # noqa: PLC0415  (optional heavy import)
 
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
@@ -246,8 +270,9 @@ class MetricsWriter:
         self.tb.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.tb.close()
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -261,7 +286,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def _check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -274,7 +299,7 @@ def _check_same_model(workdir: str, cfg: ModelConfig) -> None:
     if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
         return
     saved = checkpoint.load_model_config(workdir)
-    structural = {"dtype", "attention_impl", "moe_impl", "remat"}
+    structural = {"dtype", "attention_impl", "moe_impl", "moe_capacity_factor", "remat"}
     diff = [
         f.name
         for f in dataclasses.fields(ModelConfig)
@@ -308,22 +333,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     splits = data.load_tokens(config.data)
     bpt = data.bytes_per_token(splits.validation[:100_000], tokenizer)
+    mesh = sh.make_mesh(config.mesh.shape)
+    with sh.use_mesh(mesh, config.mesh.rules):
+        shards = math.prod(mesh.shape[a] for a in sh.mesh_axes(sh.BATCH))
+        if tc.batch_size % shards:
+            raise ValueError(
+                f"config.train.batch_size={tc.batch_size} must be divisible by the batch shards "
+                f"of config.mesh.shape={tuple(config.mesh.shape)} with rules "
+                f"{config.mesh.rules!r} ({sh.mesh_axes(sh.BATCH)}: {shards} shards)"
+            )
+        return _train(config, workdir, cfg, tokenizer, splits, bpt)
 
-    model = MiMoV2Flash(cfg, rngs=nnx.Rngs(config.seed))
-    opt = make_optimizer(model, tc)
+
+def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
+    """The training loop of ``train_and_evaluate``, under the run's mesh and rules."""
+    tc = config.train
+    # Model and optimizer state are created already sharded (never whole on one device).
+    model, opt = sh.create_sharded(
+        lambda: (m := MiMoV2Flash(cfg, rngs=nnx.Rngs(config.seed)), make_optimizer(m, tc))
+    )
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
         start = ckpt.restore(model, opt)
         logging.info("resumed from step %d in %s", start, workdir)
-    else:
+    elif jax.process_index() == 0:
         checkpoint.save_model_config(workdir, cfg)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     logging.info("model: %.2fM parameters, %d layers, plan %s", n_params / 1e6, cfg.num_layers,
                  model.plan)  # fmt: skip
 
     graphdef, state = nnx.split((model, opt))
-    train_step = make_train_step(graphdef, cfg, tc)
+    train_step = make_train_step(graphdef, cfg, tc, sh.state_shardings((model, opt)))
     writer = MetricsWriter(workdir)
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     last: dict[str, float] = {}
@@ -341,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 for a in range(tc.grad_accum)
             ]
         )  # [A, B, T + 1]
-        state, metrics = train_step(state, jnp.asarray(batch))
+        state, metrics = train_step(state, sh.put_batch(batch, batch_dim=1))
         window_steps += 1
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:

@@ -15,6 +15,7 @@ convention: ``sliding_window = 129`` means the query plus the 128 tokens before 
 negative position are empty cache slots and never visible.
 
 This materialises the full [T, S] score matrix: it is a specification, not a fast path.
+``attention_weights`` returns the probabilities p (the notebooks plot them).
 """
 
 import jax
@@ -76,6 +77,46 @@ def attention_reference(
     Returns:
       [B, T, N, P] in q's dtype.
     """
+    b, t, n, _ = q.shape
+    kv_heads, g = k.shape[2], n // k.shape[2]
+    p = attention_weights(
+        q, k, sinks=sinks, sliding_window=sliding_window, causal=causal, scale=scale,
+        q_positions=q_positions, kv_positions=kv_positions,
+    )  # fmt: skip
+    p = p.reshape(b, kv_heads, g, t, -1)  # [B, K, G, T, S]
+    o = jnp.einsum("bkgts,bskp->btkgp", p, v.astype(jnp.float32))  # [B, T, K, G, P]
+    return o.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+
+
+def attention_weights(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    sinks: jax.Array | None = None,
+    sliding_window: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+) -> jax.Array:
+    """The softmax probabilities of ``attention_reference``, over the real keys, in fp32.
+
+    With sinks, each row sums to less than one: ``1 - sum`` is the weight the sink column took,
+    which has no value vector (the notebooks plot this). Arguments as in ``attention_reference``.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k: [B, S, K, H] keys; N must be a multiple of K.
+      sinks: optional [N] per-head sink logits.
+      sliding_window: visible keys per query including itself, or None for global attention.
+      causal: mask keys after the query position.
+      scale: logit scale; defaults to H ** -0.5.
+      q_positions: optional int [B, T]; defaults to S - T + arange(T).
+      kv_positions: optional int [B, S]; defaults to arange(S).
+
+    Returns:
+      fp32 [B, N, T, S]; zero where a key is not visible (and for rows that see nothing).
+    """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads
@@ -100,5 +141,4 @@ def attention_reference(
     p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
     if sinks is not None:
         p = p[..., :-1]  # the sink column has no value vector
-    o = jnp.einsum("bkgts,bskp->btkgp", p, v.astype(jnp.float32))  # [B, T, K, G, P]
-    return o.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+    return p.reshape(b, n, t, s)  # K, G are contiguous: head n = k * G + g
