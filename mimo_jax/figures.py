@@ -9,8 +9,8 @@ not depend on it (it is in ``requirements-dev.txt``; Colab ships it). Every plot
 object-oriented API on a fresh ``Figure`` (no pyplot state), so drawing works headless and
 figures never accumulate in a global registry.
 
-Sections: saving and live display; training; decoding; conversion; attention. New notebooks add
-a section (e.g. sharding: mesh layouts) with the same conventions: data in, Figure out.
+Sections: saving and live display; training; decoding; conversion; attention; sharding. New
+notebooks add a section with the same conventions: data in, Figure out.
 """
 
 import io
@@ -314,4 +314,149 @@ def plot_timing(seq_lens: Sequence[int], seconds: Mapping[str, Sequence[float]])
     ax.set(xlabel="sequence length T", ylabel="seconds per call", title="attention time vs T")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding.
+
+
+def _device_colors(n: int) -> Any:
+    """n distinct RGBA colours, one per device (qualitative map, cycled past 20)."""
+    from matplotlib import colormaps  # noqa: PLC0415
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _device_list(ids: Sequence[int], total: int) -> str:
+    """Compact label of the devices holding one block: '3', '0 4', 'all 8'."""
+    ids = [int(i) for i in ids]
+    if len(ids) == total and total > 1:
+        return f"all {total}"
+    if len(ids) <= 4:
+        return " ".join(map(str, ids))
+    return f"{ids[0]} {ids[1]} .. {ids[-1]} ({len(ids)})"
+
+
+def plot_param_shardings(
+    layouts: Sequence[Any], mesh_shape: Mapping[str, int] | None = None, *, ncols: int = 4
+) -> Any:
+    """Where each parameter lives: one panel per parameter, one cell per block, coloured by device.
+
+    Dims that are split are laid out as a grid: the last split dim across, the others down
+    (lexicographically, first dim major); dims that are not split are not drawn. Each cell names
+    the devices (mesh positions, ``mesh.devices.flat`` order) that hold that block; a cell with
+    several devices is replicated over them and takes the colour of the first.
+
+    Args:
+      layouts: ``mimo_jax.sharding.ParamLayout``-like records; read are ``path``, ``shape``,
+        ``logical``, ``spec``, ``shard_shape`` and ``devices`` (int [n_0, ..., n_{ndim-1}, R]: the
+        mesh positions holding each block, ``sharding.block_devices``).
+      mesh_shape: {axis: size} of the mesh; when given, a first panel shows each device's mesh
+        coordinates in the same colours.
+      ncols: panels per row.
+
+    Returns:
+      The Figure.
+    """
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    total = int(np.asarray(layouts[0].devices).size) if layouts else 1
+    if mesh_shape is not None:
+        total = int(np.prod(list(mesh_shape.values())))
+    colors = _device_colors(total)
+    n = len(layouts) + (mesh_shape is not None)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(3.6 * ncols, 3.4 * nrows), layout="constrained")
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
+
+    def draw(ax, cells, labels, title, xlabel, ylabel):
+        """cells: int [r, c] colour index per cell; labels: str [r, c]."""
+        r, c = cells.shape
+        ax.imshow(np.asarray([[colors[i] for i in row] for row in cells]), aspect="auto")
+        for i in range(r):
+            for j in range(c):
+                ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8)
+        for x in range(1, c):
+            ax.axvline(x - 0.5, color="white", lw=2)
+        for y in range(1, r):
+            ax.axhline(y - 0.5, color="white", lw=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+
+    if mesh_shape is not None:
+        names, sizes = list(mesh_shape), [int(s) for s in mesh_shape.values()]
+        half = len(names) // 2  # rows: the first half of the axes; columns: the second
+        r, c = int(np.prod(sizes[:half])), int(np.prod(sizes[half:]))
+        pos = np.arange(total).reshape(r, c)
+        coords = np.stack(np.unravel_index(np.arange(total), sizes), -1)  # [devices, axes]
+        labels = [[f"{p}\n" + ",".join(map(str, coords[p])) for p in row] for row in pos]
+        shape = " x ".join(f"{a} {s}" for a, s in zip(names, sizes, strict=True))
+        draw(axes[0], pos, labels, f"mesh: {shape}\ndevice / coordinates",
+             " x ".join(names[half:]), " x ".join(names[:half]))  # fmt: skip
+
+    for ax, lay in zip(axes[n - len(layouts) :], layouts, strict=True):
+        devices = np.asarray(lay.devices)  # [n_0, ..., n_{k-1}, R]
+        counts = devices.shape[:-1]
+        split = [d for d, k in enumerate(counts) if k > 1]
+        if len(split) > 1:
+            rows, cols = split[:-1], split[-1:]
+        elif split and split[0] == len(counts) - 1 and len(counts) > 1:
+            rows, cols = [], split  # only the last dim is split: lay it across
+        else:
+            rows, cols = split, []
+        # Drop the unsplit dims (one block each); the split ones keep their order, rows first.
+        grid = devices[tuple(slice(None) if d in split else 0 for d in range(len(counts)))]
+        grid = grid.reshape(
+            int(np.prod([counts[d] for d in rows])), int(np.prod([counts[d] for d in cols])), -1
+        )  # [r, c, R]
+        labels = [[_device_list(ids, total) for ids in row] for row in grid]
+        logical = list(lay.logical) + [None] * (len(lay.shape) - len(lay.logical))
+
+        def dims(ds, logical=logical, counts=counts):
+            return " x ".join(f"{logical[d] or f'dim {d}'} / {counts[d]}" for d in ds)
+
+        shapes = f"{list(lay.shape)} -> {list(lay.shard_shape)} per device"
+        draw(ax, grid[..., 0], labels, f"{lay.path}\n{shapes}\n{lay.spec}", dims(cols), dims(rows))
+    return fig
+
+
+def plot_memory_plan(
+    plans: Mapping[str, Mapping[str, float]],
+    *,
+    capacity_bytes: float | None = None,
+    capacity_label: str = "device memory",
+) -> Any:
+    """Bytes per device of each (mesh, preset) plan, stacked by component.
+
+    Args:
+      plans: plan label -> {component: bytes per device}, e.g. parameters, gradients, Adam
+        moments (``mimo_jax.sharding.param_bytes_per_device``).
+      capacity_bytes: a device's memory, drawn as a vertical line.
+      capacity_label: legend label of that line.
+
+    Returns:
+      The Figure: one horizontal stacked bar per plan, in GB (1e9 bytes).
+    """
+    fig, (ax,) = _figure(width=8.0, height=1.0 + 0.6 * len(plans))
+    labels = list(plans)[::-1]  # first plan on top
+    components = list(dict.fromkeys(c for p in plans.values() for c in p))
+    left = np.zeros(len(labels))
+    for comp in components:
+        gb = np.array([plans[lab].get(comp, 0.0) / 1e9 for lab in labels])
+        ax.barh(labels, gb, left=left, label=comp)
+        left += gb
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.1f} GB", va="center", fontsize=9)
+    if capacity_bytes is not None:
+        ax.axvline(capacity_bytes / 1e9, color="k", ls="--", lw=1, label=capacity_label)
+    ax.set(xlabel="GB per device", title="memory per device")
+    ax.set_xlim(0, max(float(left.max(initial=0)), (capacity_bytes or 0) / 1e9) * 1.25 or 1)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="lower right", fontsize=8)
     return fig

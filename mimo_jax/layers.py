@@ -90,7 +90,11 @@ class Embedder(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [B, T, D]
+        # FSDP: gather the table's embed dim before the lookup. Left split, the gathered rows
+        # would come out split on D and the batch-sharded layout that follows could only be
+        # reached by replicating the whole activation (XLA "involuntary full rematerialization").
+        table = sh.constrain(self.embedding[...], (sh.VOCAB, None))  # [V, D]
+        return jnp.take(table, ids, axis=0).astype(self.dtype)  # [B, T, D]
 
 
 class MLP(nnx.Module):

@@ -25,6 +25,7 @@ NOTEBOOKS = {
     "01_quickstart.ipynb": ["01_loss", "01_acceptance"],
     "02_huggingface_conversion.ipynb": ["02_logit_diff"],
     "03_attention_kernels.ipynb": ["03_mask", "03_sink", "03_timing"],
+    "04_sharding.ipynb": ["04_shardings", "04_memory"],
 }
 
 

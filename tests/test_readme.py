@@ -98,6 +98,15 @@ COVERAGE = {
         "ours, MTP speculative, 1 draft",
         replace=(("--workdir=runs/tiny", "--workdir={workdir}"),),
     ),
+    "python bench/memory_plan.py": Run(
+        ("--quick", "--presets=fsdp_ep", "--out={tmp}/memory_plan.json"), "per device"
+    ),
+    "python main.py --config=configs/mimo_v2_flash.py --workdir=gs://BUCKET/mimo --distributed": (
+        ByTests(
+            "test_sharding.py::test_two_process_training_equals_one_process",
+            "test_cli.py::test_shipped_configs_build",
+        )
+    ),
     "python bench/train_vs_torch.py": Run(
         (
             "--batch=1",
