@@ -3,21 +3,29 @@
 MiMo-V2-Flash SWA layer shapes: 64 query heads, 8 kv heads, H = 192, P = 128, window 128 (129
 visible keys), sinks, bf16, batch 1, T = S in {4K, 16K, 64K}. Rows:
 
-* ``pallas``: ``flash.flash_attention`` compiled (``interpret=False``), the backend's schedule.
-* ``mgpu``: ``flash.flash_attention(mode="mgpu")``: the Mosaic GPU (sm90) forward of
-  ``flash_mgpu`` with the "loop" backward; needs a Hopper GPU, else the row reports its error.
+* ``mgpu``: ``flash.flash_attention(mode="mgpu")`` compiled, the GPU default: the Mosaic GPU
+  (sm90) forward of ``flash_mgpu`` and dq / dk/dv kernels of ``flash_mgpu_bwd``, no Triton; needs a
+  Hopper GPU, else the row reports its error.
+* ``loop`` (only with ``--impls ...,loop``): the deprecated Triton schedule, for comparison.
 * ``xla_dense``: masked softmax over the full [T, S] score matrix (bf16 matmuls, fp32 logits),
   what ``reference.attention_reference`` does; skipped when its [T, S] buffers cannot fit.
 * ``xla_banded``: ``pallas_kernels.xla.attention_xla`` when that module is importable.
+
+Each fwd+bwd row also reports the max |difference| of its gradients (dq, dk, dv, dsinks) from
+``xla_banded``'s, and a second table times the Mosaic GPU decode / verify kernel
+(``flash_mgpu_decode``, T = 4 queries, the 132-slot SWA ring and a global cache of S slots) against
+``attention_xla`` with positions.
 
 TFLOP/s count only the banded work (visible (query, key) pairs), so a dense kernel that computes
 masked entries is not credited for them. Each row is wrapped in try/except so one failure prints
 its error and the table goes on.
 
 Usage: python bench/attention_gpu.py [--seq 4096,16384,65536] [--iters 10] [--json out.json]
+       [--impls mgpu,xla_dense,xla_banded[,loop]] [--no-decode]
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -111,18 +119,16 @@ def _device_bytes():
         return 80 * 2**30
 
 
-def _pallas_impls():
-    """Pallas variants to try in order: the backend defaults, then smaller tiles."""
-    default = flash.BlockSizes.get_default()
-    small = flash.BlockSizes.uniform(32)
-    for name, bs in (("default", default), ("32", small)):
-
-        def attn(q, k, v, *, sinks, sliding_window, bs=bs):
-            return flash.flash_attention(
-                q, k, v, sinks=sinks, sliding_window=sliding_window, block_sizes=bs
-            )
-
-        yield name, attn
+def _pallas_impls(mode):
+    """Kernel variants to try in order: the default tiles, then smaller ones (Triton only)."""
+    if mode == "mgpu":
+        yield "default", functools.partial(flash.flash_attention, mode="mgpu")
+        return
+    for name, bs in (
+        ("default", flash.BlockSizes.get_default("gpu")),
+        ("32", flash.BlockSizes.uniform(32)),
+    ):
+        yield name, functools.partial(flash.flash_attention, mode="loop", block_sizes=bs)
 
 
 def bench_row(impl, t, iters):
@@ -131,9 +137,9 @@ def bench_row(impl, t, iters):
     q, k, v, sinks, ct = _inputs(t)
     fwd_flops, total_flops = flops(t)
     try:
-        if impl == "pallas":
+        if impl in ("mgpu", "loop"):
             errors = []
-            for tiles, attn in _pallas_impls():
+            for tiles, attn in _pallas_impls(impl):
                 try:
                     fwd = jax.jit(
                         lambda q, k, v, s, attn=attn: attn(q, k, v, sinks=s, sliding_window=WINDOW)
@@ -143,6 +149,7 @@ def bench_row(impl, t, iters):
                     row["compile_s"], row["fwd_bwd_s"] = _time(grad, (q, k, v, sinks), iters)
                     row["tiles"] = tiles
                     row["out"] = fwd(q, k, v, sinks)
+                    row["grads"] = grad(q, k, v, sinks)
                     break
                 except Exception as e:  # noqa: BLE001
                     errors.append(
@@ -151,17 +158,6 @@ def bench_row(impl, t, iters):
                     traceback.print_exc()
             else:
                 raise RuntimeError(" | ".join(errors))
-        elif impl == "mgpu":
-
-            def attn(q, k, v, *, sinks, sliding_window):
-                return flash.flash_attention(
-                    q, k, v, sinks=sinks, sliding_window=sliding_window, mode="mgpu"
-                )
-
-            fwd = jax.jit(lambda q, k, v, s: attn(q, k, v, sinks=s, sliding_window=WINDOW))
-            row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
-            row["out"] = fwd(q, k, v, sinks)
-            row["compile_s"], row["fwd_bwd_s"] = _time(_fwd_bwd(attn, ct), (q, k, v, sinks), iters)
         else:
             if impl == "xla_dense":
                 need = 4 * 4 * N_HEADS * t * t  # ~4 fp32 [N, T, S] buffers live in fwd + bwd
@@ -175,8 +171,11 @@ def bench_row(impl, t, iters):
                 attn = xla.attention_xla
             fwd = jax.jit(lambda q, k, v, s: attn(q, k, v, sinks=s, sliding_window=WINDOW))
             row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
-            row["compile_s"], row["fwd_bwd_s"] = _time(_fwd_bwd(attn, ct), (q, k, v, sinks), iters)
+            grad = _fwd_bwd(attn, ct)
+            row["compile_s"], row["fwd_bwd_s"] = _time(grad, (q, k, v, sinks), iters)
             row["out"] = fwd(q, k, v, sinks)
+            if impl == "xla_banded":
+                row["grads"] = grad(q, k, v, sinks)
         row["fwd_tflops"] = fwd_flops / row["fwd_s"] / 1e12
         row["fwd_bwd_tflops"] = total_flops / row["fwd_bwd_s"] / 1e12
     except Exception as e:  # noqa: BLE001
@@ -185,11 +184,62 @@ def bench_row(impl, t, iters):
     return row
 
 
+def decode_table(seqs, iters):
+    """Times decode / verify (T = 4 queries) over the SWA ring (W + 4 slots, wrapped) and a
+    global cache of S slots: Mosaic GPU kernel vs ``attention_xla``; returns the rows."""
+    from pallas_kernels import xla  # noqa: PLC0415
+
+    rows = []
+    t = 4
+    for label, slots, window in [("swa_ring", WINDOW + 4, WINDOW)] + [
+        (f"global_S={s}", int(s), None) for s in seqs.split(",")
+    ]:
+        ks = jax.random.split(jax.random.key(1), 4)
+        q = jax.random.normal(ks[0], (1, t, N_HEADS, H), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (1, slots, KV_HEADS, H), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (1, slots, KV_HEADS, P), jnp.bfloat16)
+        sinks = jax.random.normal(ks[3], (N_HEADS,), jnp.float32)
+        end = 10 * slots + 3  # the ring has wrapped ten times
+        kv_pos = (end - 1 - (end - 1 - jnp.arange(slots)) % slots)[None].astype(jnp.int32)
+        q_pos = (end - t + jnp.arange(t))[None].astype(jnp.int32)
+        kw = dict(sinks=sinks, sliding_window=window, q_positions=q_pos, kv_positions=kv_pos)
+        outs = {}
+        for impl, fn in (
+            ("mgpu", functools.partial(flash.attention_pallas, mode="mgpu")),
+            ("xla", xla.attention_xla),
+        ):
+            row = {"case": label, "impl": impl}
+            try:
+                f = jax.jit(lambda q, k, v, fn=fn, kw=kw: fn(q, k, v, **kw))
+                row["compile_s"], row["s"] = _time(f, (q, k, v), iters)
+                outs[impl] = f(q, k, v)
+            except Exception as e:  # noqa: BLE001
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                row["error"] = f"{type(e).__name__}: {first}"
+                traceback.print_exc()
+            rows.append(row)
+        if len(outs) == 2:
+            got, want = (outs[i].astype(jnp.float32) for i in ("mgpu", "xla"))
+            diff = jnp.max(jnp.abs(got - want))
+            rows[-2]["max_diff_vs_xla"] = f"{float(diff):.2e}"
+    print(f"\ndecode / verify, T={t}, bf16, sinks")
+    print(f"{'case':<16} {'impl':<6} {'us':>9} {'compile s':>9}  notes")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:<16} {r['impl']:<6} {'-':>9} {'-':>9}  {r['error']}")
+        else:
+            notes = f"max_diff_vs_xla={r['max_diff_vs_xla']}" if "max_diff_vs_xla" in r else ""
+            us, comp = 1e6 * r["s"], r["compile_s"]
+            print(f"{r['case']:<16} {r['impl']:<6} {us:>9.1f} {comp:>9.1f}  {notes}")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", default="4096,16384,65536")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--impls", default="pallas,mgpu,xla_dense,xla_banded")
+    parser.add_argument("--impls", default="mgpu,xla_dense,xla_banded")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 N={N_HEADS} K={KV_HEADS}")
@@ -204,7 +254,7 @@ def main():
             rows.append(row)
             print(f"  done T={t} {impl}: {row.get('error', 'ok')}", flush=True)
         # Cross-check the Pallas outputs against the most exact baseline that ran.
-        for kernel in ("pallas", "mgpu"):
+        for kernel in ("mgpu", "loop"):
             out = by_impl.get(kernel, {}).pop("out", None)
             for base in ("xla_dense", "xla_banded"):
                 ref = by_impl.get(base, {}).get("out")
@@ -212,8 +262,17 @@ def main():
                     diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
                     by_impl[kernel]["max_diff_vs"] = f"{float(diff):.2e} vs {base}"
                     break
+            grads = by_impl.get(kernel, {}).pop("grads", None)
+            ref = by_impl.get("xla_banded", {}).get("grads")
+            if grads is not None and ref is not None:
+                diff = max(
+                    float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
+                    for g, r in zip(grads, ref, strict=True)
+                )
+                by_impl[kernel]["grad_diff_vs"] = f"{diff:.2e} vs xla_banded"
         for row in by_impl.values():
             row.pop("out", None)
+            row.pop("grads", None)
         dense = by_impl.get("xla_dense", {}).get("fwd_bwd_s")
         for row in by_impl.values():
             if dense and row.get("fwd_bwd_s"):
@@ -232,16 +291,22 @@ def main():
             )
             continue
         speed = f"{r['speedup_vs_dense']:.1f}x" if "speedup_vs_dense" in r else "-"
-        notes = " ".join(f"{k}={r[k]}" for k in ("tiles", "max_diff_vs") if k in r)
+        notes = " ".join(f"{k}={r[k]}" for k in ("tiles", "max_diff_vs", "grad_diff_vs") if k in r)
         print(
             f"{r['T']:>6} {r['impl']:<11} {1e3 * r['fwd_s']:>9.3f} {1e3 * r['fwd_bwd_s']:>11.3f} "
             f"{speed:>8} {r['fwd_tflops']:>9.1f} {r['fwd_bwd_tflops']:>9.1f} "
             f"{r['compile_s']:>9.1f}  {notes}"
         )
+    goal = [r for r in rows if r["T"] == 16384 and r["impl"] == "mgpu" and "speedup_vs_dense" in r]
+    if goal:
+        x = goal[0]["speedup_vs_dense"]
+        verdict = "met" if x >= 10 else "NOT met"
+        print(f"\ngoal: mgpu fwd+bwd >= 10x XLA dense at T=16K: {x:.1f}x ({verdict})")
+    decode_rows = [] if args.no_decode else decode_table(args.seq, args.iters)
     if args.json:
         meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+            json.dump({"meta": meta, "rows": rows, "decode": decode_rows}, f, indent=1, default=str)
         print(f"\nwrote {args.json}")
 
 

@@ -21,20 +21,21 @@ Two schedules share the same block math (``online_softmax_step``):
   per-head kv sequence (the Triton lowering has no scratch carried across grid steps). Triton needs
   power-of-two tiles, so head dims are zero-padded to the next power of two in this mode.
 
-A third schedule, ``"mgpu"``, runs the forward with the Mosaic GPU (Hopper) kernel of
-``flash_mgpu.py`` (the Triton lowering is deprecated from JAX 0.11) and the backward / decode with
-the "loop" kernels; it is opt-in (``mode="mgpu"`` or ``MIMO_PALLAS_MODE=mgpu``) until it has been
-run on a GPU. Block math, masking and layout helpers shared by all kernels are in
-``flash_common.py``.
+A third schedule, ``"mgpu"``, the default on GPU backends, runs forward, backward and decode with
+the Mosaic GPU (Hopper) kernels of ``flash_mgpu.py``, ``flash_mgpu_bwd.py`` and
+``flash_mgpu_decode.py`` (the Triton lowering is deprecated from JAX 0.11); inputs outside their
+domain (f32, head dims not multiples of 64) raise ValueError rather than fall back to Triton.
+"loop" stays available on explicit request. Block math, masking and layout helpers shared by all
+kernels are in ``flash_common.py``.
 
 Interpret mode is chosen automatically on CPU; ``MIMO_PALLAS_INTERPRET=0/1`` forces it off/on,
 ``MIMO_PALLAS_MODE=grid/loop/mgpu`` forces a schedule.
 
 Backend status: "grid" and "loop" are tested on CPU in interpret mode and lower (jax.export to
-"tpu" / "cuda" on a CPU host); "mgpu" is tested in the Mosaic GPU interpreter and lowers to
-"cuda" (tests/test_attention_mgpu.py). None has been compiled or run on real hardware yet.
-The backward kernels live in ``flash_bwd.py`` and the KV-cache decode kernel in
-``flash_decode.py``. The fp32 specification is ``reference.attention_reference``.
+"tpu" / "cuda" on a CPU host); "mgpu" (forward, backward, decode) is tested in the Mosaic GPU
+interpreter and lowers to "cuda" (tests/test_attention_mgpu.py). None has been compiled or run
+on real hardware yet. The pallas_call backward kernels live in ``flash_bwd.py`` and the KV-cache
+decode kernel in ``flash_decode.py``. The fp32 specification is ``reference.attention_reference``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels import flash_mgpu  # Mosaic GPU is imported lazily, when a kernel is built
 
 # Re-exported so that ``flash.BlockSizes``, ``flash.kv_block_bounds`` etc. stay the public names.
 from pallas_kernels.flash_common import (
@@ -64,7 +67,6 @@ from pallas_kernels.flash_common import (
     num_q_steps,
     online_softmax_step,
     online_softmax_update,
-    pallas_call_mode,
     q_block_bounds,
     resolve_interpret,
     resolve_mode,
@@ -97,10 +99,9 @@ class _Config:
     window: int | None
     scale: float
     has_sinks: bool
-    block_sizes: BlockSizes
+    block_sizes: BlockSizes | flash_mgpu.MgpuBlockSizes  # the latter in "mgpu" mode
     interpret: bool
-    mode: Mode  # schedule of the pallas_call kernels: "grid" or "loop"
-    mgpu_forward: bool = False  # forward through flash_mgpu (Mosaic GPU) instead
+    mode: Mode  # "grid" / "loop": the pallas_call kernels here; "mgpu": flash_mgpu*
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,25 +297,21 @@ def _flash(q, k, v, sinks, cfg: _Config):
     return _flash_fwd(q, k, v, sinks, cfg)[0]
 
 
-def _flash_fwd(q, k, v, sinks, cfg: _Config):
-    if cfg.mgpu_forward:
-        from pallas_kernels import flash_mgpu  # noqa: PLC0415  (imports Mosaic GPU)
+def _mgpu_kwargs(cfg: _Config) -> dict:
+    return dict(
+        sliding_window=cfg.window,
+        causal=cfg.causal,
+        scale=cfg.scale,
+        block_sizes=cfg.block_sizes,
+        interpret=cfg.interpret,
+    )
 
-        out, lse = flash_mgpu.flash_forward_mgpu(
-            q,
-            k,
-            v,
-            sinks if cfg.has_sinks else None,
-            sliding_window=cfg.window,
-            causal=cfg.causal,
-            scale=cfg.scale,
-            interpret=cfg.interpret,
-        )  # [B, T, N, P], [B, N, T]
-        # The backward's layout: [B, N, Tp, 1], padded rows +inf ("saw nothing", p = 0).
-        bs = cfg.block_sizes
-        pad = (-q.shape[1]) % int(np.lcm(bs.block_q, bs.block_q_dkv))
-        lse = jnp.pad(lse, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.inf)[..., None]
-        return out, (q, k, v, sinks, out, lse)
+
+def _flash_fwd(q, k, v, sinks, cfg: _Config):
+    if cfg.mode == "mgpu":
+        sinks_in = sinks if cfg.has_sinks else None
+        out, lse = flash_mgpu.flash_forward_mgpu(q, k, v, sinks_in, **_mgpu_kwargs(cfg))
+        return out, (q, k, v, sinks, out, lse)  # lse: [B, N, T]
     qk, kk, vk = _prepare(q, k, v, cfg)
     o, lse = _flash_forward(qk, kk, vk, sinks_operand(sinks, q.shape[2]), cfg)
     out = from_kernel_layout(o, q.shape[1], v.shape[-1])  # [B, T, N, P]
@@ -325,6 +322,13 @@ def _flash_bwd(cfg: _Config, res, do):
     from pallas_kernels import flash_bwd  # noqa: PLC0415  (keeps the module graph acyclic)
 
     q, k, v, sinks, out, lse = res
+    if cfg.mode == "mgpu":
+        from pallas_kernels import flash_mgpu_bwd  # noqa: PLC0415
+
+        dq, dk, dv, dsinks = flash_mgpu_bwd.flash_backward_mgpu(
+            q, k, v, sinks if cfg.has_sinks else None, out, lse, do, **_mgpu_kwargs(cfg)
+        )
+        return dq, dk, dv, jnp.zeros_like(sinks) if dsinks is None else dsinks
     return flash_bwd.flash_backward(q, k, v, sinks, out, lse, do, cfg)
 
 
@@ -340,7 +344,7 @@ def flash_attention(
     sliding_window: int | None = None,
     causal: bool = True,
     scale: float | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | flash_mgpu.MgpuBlockSizes | None = None,
     interpret: bool | None = None,
     mode: Mode | None = None,
 ) -> jax.Array:
@@ -354,20 +358,27 @@ def flash_attention(
       sliding_window: visible keys per query counting itself, or None for global attention.
       causal: mask keys after the query.
       scale: logit scale, default H ** -0.5.
-      block_sizes: tiles; default ``BlockSizes.get_default()``.
+      block_sizes: tiles; ``BlockSizes`` for "grid" / "loop" (default
+        ``BlockSizes.get_default()``), ``flash_mgpu.MgpuBlockSizes`` for "mgpu" (default
+        ``flash_mgpu.MgpuBlockSizes()``).
       interpret: force the Pallas interpreter on/off (default: ``resolve_interpret``).
-      mode: "grid", "loop" or "mgpu" schedule (default: ``resolve_mode``). "mgpu" runs the
-        forward with the Mosaic GPU kernel of ``flash_mgpu`` (bf16/f16, head dims multiples of
-        64, its own tiles) and the backward with the "loop" kernels.
+      mode: "grid", "loop" or "mgpu" schedule (default: ``resolve_mode``, "mgpu" on GPU). "mgpu"
+        runs forward and backward with the Mosaic GPU kernels of ``flash_mgpu`` /
+        ``flash_mgpu_bwd`` (no Triton); it needs bf16/f16 inputs and head dims that are multiples
+        of 64 and raises ValueError otherwise.
 
     Returns:
       [B, T, N, P] in q's dtype; differentiable in q, k, v and sinks.
     """
-    block_sizes = block_sizes or BlockSizes.get_default()
     mode = resolve_mode(mode)
-    mgpu_forward = mode == "mgpu"
-    mode = pallas_call_mode(mode)
     interpret = resolve_interpret(interpret)
+    if mode == "mgpu":
+        block_sizes = flash_mgpu.mgpu_block_sizes(block_sizes)
+        flash_mgpu.check_inputs(q, k, v)
+    else:
+        block_sizes = block_sizes or BlockSizes.get_default()
+        if not isinstance(block_sizes, BlockSizes):
+            raise ValueError(f"mode={mode!r} needs flash.BlockSizes, got {block_sizes!r}")
     if mode == "loop" and not interpret:
         for name, size in dataclasses.asdict(block_sizes).items():
             if size & (size - 1):
@@ -382,7 +393,6 @@ def flash_attention(
         block_sizes=block_sizes,
         interpret=interpret,
         mode=mode,
-        mgpu_forward=mgpu_forward,
     )
     if sinks is None:
         # A stand-in so the custom VJP has a fixed signature; its cotangent is dropped.
@@ -401,7 +411,7 @@ def attention_pallas(
     scale: float | None = None,
     q_positions: jax.Array | None = None,
     kv_positions: jax.Array | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | flash_mgpu.MgpuBlockSizes | None = None,
     interpret: bool | None = None,
     mode: Mode | None = None,
 ) -> jax.Array:

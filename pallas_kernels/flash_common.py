@@ -24,7 +24,7 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
 TN_DIMS = (((0,), (0,)), ((), ()))  # a.T @ b
 
-# "mgpu": the Mosaic GPU forward (flash_mgpu.py) with the "loop" backward / decode kernels.
+# "mgpu": the Mosaic GPU (Hopper) kernels of flash_mgpu*.py for forward, backward and decode.
 Mode = Literal["grid", "loop", "mgpu"]
 
 
@@ -253,22 +253,18 @@ def resolve_interpret(interpret: bool | None = None) -> bool:
 
 
 def resolve_mode(mode: Mode | None = None) -> Mode:
-    """Schedule: explicit, else ``MIMO_PALLAS_MODE``, else "loop" on GPU and "grid" elsewhere.
+    """Schedule: explicit, else ``MIMO_PALLAS_MODE``, else "mgpu" on GPU and "grid" elsewhere.
 
-    "mgpu" (Mosaic GPU forward, ``flash_mgpu``) is opt-in until it has been run on a Hopper GPU.
+    "mgpu" runs the Mosaic GPU kernels (``flash_mgpu*``, Hopper); "loop" the deprecated Triton
+    lowering, kept for other GPUs and for inputs outside the Mosaic GPU kernels' domain (f32, head
+    dims that are not multiples of 64), on explicit request only.
     """
     mode = mode or os.environ.get("MIMO_PALLAS_MODE") or None
     if mode is None:
-        mode = "loop" if jax.default_backend() == "gpu" else "grid"
+        mode = "mgpu" if jax.default_backend() in ("gpu", "cuda") else "grid"
     if mode not in ("grid", "loop", "mgpu"):
         raise ValueError(f"mode must be 'grid', 'loop' or 'mgpu', got {mode!r}")
     return mode
-
-
-def pallas_call_mode(mode: Mode) -> Mode:
-    """Schedule of the ``pallas_call`` kernels (backward, decode): "mgpu" has only a forward
-    kernel so far and uses the "loop" ones for the rest."""
-    return "loop" if mode == "mgpu" else mode
 
 
 def compiler_params(mode: Mode, interpret: bool, semantics: tuple[str, ...], head_dim: int = 128):

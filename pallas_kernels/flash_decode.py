@@ -14,7 +14,8 @@ sink.
 The cache is small (a window or one sequence), so every block is visited; there is no window
 skipping here because slot order says nothing about position.
 
-Forward only: serving does not differentiate through the cache.
+Forward only: serving does not differentiate through the cache. In "mgpu" mode (the GPU default)
+``decode_attention`` hands over to the Mosaic GPU kernel of ``flash_mgpu_decode.py``.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def decode_attention(
     sliding_window: int | None = None,
     causal: bool = True,
     scale: float | None = None,
-    block_sizes: common.BlockSizes | None = None,
+    block_sizes=None,
     interpret: bool | None = None,
     mode: common.Mode | None = None,
 ) -> jax.Array:
@@ -239,14 +240,31 @@ def decode_attention(
       kv_positions: int [B, S] absolute positions of the slots, negative for empty slots.
       sinks: optional [N] sink logits.
       sliding_window, causal, scale: as ``pallas_kernels.attention``.
-      block_sizes: uses ``block_kv_decode`` (cache slots per tile).
-      interpret, mode: as ``flash.flash_attention``.
+      block_sizes: uses ``block_kv_decode`` (cache slots per tile); a
+        ``flash_mgpu.MgpuBlockSizes`` in "mgpu" mode.
+      interpret, mode: as ``flash.flash_attention``; "mgpu" runs ``flash_mgpu_decode``.
 
     Returns:
       [B, T, N, P] in q's dtype; rows with nothing visible and no sink are 0.
     """
+    mode = common.resolve_mode(mode)
+    if mode == "mgpu":
+        from pallas_kernels import flash_mgpu, flash_mgpu_decode  # noqa: PLC0415
+
+        return flash_mgpu_decode.decode_attention_mgpu(
+            q,
+            k,
+            v,
+            q_positions,
+            kv_positions,
+            sinks=sinks,
+            sliding_window=sliding_window,
+            causal=causal,
+            scale=scale,
+            block_sizes=flash_mgpu.mgpu_block_sizes(block_sizes),
+            interpret=common.resolve_interpret(interpret),
+        )
     block_sizes = block_sizes or common.BlockSizes.get_default()
-    mode = common.pallas_call_mode(common.resolve_mode(mode))
     block_kv = block_sizes.block_kv_decode
     if mode == "loop" and block_kv & (block_kv - 1):
         raise ValueError(f"loop (Triton) mode needs a power-of-two block_kv_decode, got {block_kv}")

@@ -1,4 +1,5 @@
-"""Mosaic GPU (Hopper, sm90) forward kernel of the MiMo-V2-Flash flash attention.
+"""Mosaic GPU (Hopper, sm90) forward kernel of the MiMo-V2-Flash flash attention, and the helpers
+shared with the Mosaic GPU backward (``flash_mgpu_bwd``) and decode (``flash_mgpu_decode``) kernels.
 
 The same math as ``flash.py`` (FlashAttention-2 with the sink folded into the running max: the row
 max starts at the head's sink logit and the denominator at exp(sink - sink) = 1), written for
@@ -17,34 +18,39 @@ shape of ``jax.experimental.pallas.ops.gpu.attention_mgpu``:
   in lock step;
 * GQA by index: query head n reads kv head n // G straight from [B, S, K, D] operands.
 
-It returns the output and the natural-log logsumexp (sink included) in the layout of
-``flash._flash_forward``, so the backward kernels of ``flash_bwd.py`` consume it unchanged.
-``flash.flash_attention(mode="mgpu")`` (or ``MIMO_PALLAS_MODE=mgpu``) uses this forward with the
-"loop" schedule's backward (Triton on GPU, interpreted on CPU).
+It returns the output and the natural-log logsumexp (sink included) [B, N, T], which the Mosaic
+GPU backward of ``flash_mgpu_bwd.py`` consumes; ``flash_mgpu_decode.py`` is the decode / verify
+kernel. Both reuse this module's tiles (``MgpuBlockSizes``), domain check (``check_inputs``: bf16 /
+f16, head dims multiples of 64, else ValueError) and the wgmma / layout / pipeline helpers below.
+``flash.flash_attention(mode="mgpu")`` and ``flash_decode.decode_attention(mode="mgpu")`` use
+these kernels only (no Triton anywhere); "mgpu" is the default schedule on GPU backends.
 
 Testing status (see tests/test_attention_mgpu.py):
 
-* CPU: the kernel runs in the Mosaic GPU interpreter (``InterpretGPUParams``), which simulates the
-  warpgroups as threads, the SMEM buffers, TMA copies and barriers. The interpreter (jax 0.10)
-  has no ``layout_cast``, ``plgpu.load``, layout-annotated iota, ``run_state`` nor wgmma with a
-  transposed or register operand, so under ``interpret=True`` the helpers ``_qk`` / ``_pv`` /
-  ``_hint`` / ``_iota`` / ``_load_rows`` replace just those operations by plain ``jnp`` on the
-  same SMEM refs. Everything else (block bounds, pipeline, barriers, masking, sink, GQA, lse,
-  stores) is the code that runs compiled.
-* The compiled path (wgmma, layouts) is checked by lowering to "cuda" from the CPU host.
+* CPU: forward, backward and decode run in the Mosaic GPU interpreter (``InterpretGPUParams``),
+  which simulates the warpgroups as threads, the SMEM buffers, TMA copies and barriers, and checks
+  that every barrier phase is observed. The interpreter (jax 0.10) has no ``layout_cast``,
+  ``plgpu.load``, layout-annotated iota, ``run_state`` nor wgmma with a transposed or register
+  operand, so under ``interpret=True`` the helpers ``matmul_nt`` / ``matmul_acc`` / ``hint`` /
+  ``iota`` / ``load_vector`` replace just those operations by plain ``jnp`` on the same SMEM
+  refs. Everything else (block bounds, pipelines, barriers, masking, sink, GQA, lse, stores) is
+  the code that runs compiled. Known interpreter limits: it recompiles each CTA's thread bodies
+  (the tests cache them), and with several interpreted kernels in one XLA program it can deadlock
+  on a 2-core host (the tests dispatch each kernel on its own).
+* The compiled path (wgmma, layouts) of all three kernels is checked by lowering to "cuda" from
+  the CPU host.
 * Not yet compiled or run on an H100/H200 (no GPU was available when this was written): run
-  ``bench/gpu_check.sh`` (step (a2) runs these tests compiled, the benchmark has an "mgpu" row).
-  Do not export ``MIMO_PALLAS_MODE=mgpu`` for tests/test_attention_pallas.py: its f32 / H = 24
-  cases are outside this kernel's domain. Until then "loop" (Triton) stays the default GPU
-  schedule.
+  ``bench/gpu_check.sh`` (step (a) runs these tests compiled, step (b) benchmarks "mgpu" fwd+bwd
+  against XLA dense / banded and times decode).
 
   Known risk: ``attention_mgpu`` refuses causal masking on CUDA runtimes 12.8.0 - 12.9.0 because
-  of a ptxas miscompilation; this kernel masks the same way (iota compares), so check the CUDA
-  version first if compiled results are wrong.
+  of a ptxas miscompilation; these kernels mask the same way (iota compares), so check the CUDA
+  version first if compiled results are wrong. Register pressure of the dk/dv kernel with
+  H = 192, P = 128 (f32 dk + dv accumulators of 160 registers per thread) may spill.
 
-Remaining work: a Mosaic GPU backward (dq and dk/dv kernels) and decode kernel; per-warpgroup kv
-ranges (the CTA-wide range wastes up to one kv block per warpgroup on sliding-window layers);
-tuning block sizes / stages / schedule barrier on hardware.
+Remaining work: tuning block sizes / stages / schedule barrier on hardware; per-warpgroup kv
+ranges (the CTA-wide range wastes up to one kv block per warpgroup on sliding-window layers); the
+FlashAttention-3 ping-pong in the backward kernels (only the forward alternates its warpgroups).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_common import NT_DIMS, kv_block_bounds, pad_axis
 
-__all__ = ["MgpuBlockSizes", "flash_forward_mgpu"]
+__all__ = ["MgpuBlockSizes", "check_inputs", "flash_forward_mgpu", "mgpu_block_sizes"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -76,39 +82,82 @@ class MgpuBlockSizes:
     """Tiles of the Mosaic GPU forward.
 
     Attributes:
-      block_q: query rows per compute warpgroup (a CTA covers ``2 * block_q`` rows).
-      block_kv: keys per pipeline stage.
-      stages: kv blocks in flight (SMEM ring depth). With H = 192, P = 128, bf16 and the defaults
-        SMEM holds q 48 KiB + o 32 KiB + stages * 40 KiB of k/v.
-      schedule_barrier: make the two compute warpgroups alternate between wgmma and softmax
-        (FlashAttention-3 ping-pong), as ``attention_mgpu`` does.
+      block_q: query rows per compute warpgroup of the forward and dq kernels (a CTA covers
+        ``2 * block_q`` rows).
+      block_kv: keys per pipeline stage of the forward and dq kernels.
+      block_q_dkv: query rows per pipeline stage of the dk/dv kernel.
+      block_kv_dkv: keys per compute warpgroup of the dk/dv kernel (a CTA covers
+        ``2 * block_kv_dkv`` keys).
+      block_kv_decode: cache slots per pipeline stage of the decode kernel.
+      stages: blocks in flight (SMEM ring depth). With H = 192, P = 128, bf16 and the defaults the
+        forward holds q 48 KiB + o 32 KiB + stages * 40 KiB of k/v; dq and dk/dv about as much.
+      schedule_barrier: make the two compute warpgroups of the forward alternate between wgmma and
+        softmax (FlashAttention-3 ping-pong), as ``attention_mgpu`` does.
     """
 
     block_q: int = 64
     block_kv: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    block_kv_decode: int = 64
     stages: int = 2
     schedule_barrier: bool = True
 
     def __post_init__(self):
-        if self.block_q % 64 or self.block_kv % 64 or self.block_q <= 0 or self.block_kv <= 0:
-            raise ValueError(f"block_q and block_kv must be positive multiples of 64, got {self}")
+        for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_kv_decode"):
+            size = getattr(self, name)
+            # wgmma works on 64-row warpgroup tiles and 64-wide swizzled bf16 columns.
+            if not isinstance(size, int) or size <= 0 or size % 64:
+                raise ValueError(f"{name} must be a positive multiple of 64, got {size!r}")
         if self.stages < 1:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
 
 
-def _check(q, k, v, block_sizes: MgpuBlockSizes):
+def mgpu_block_sizes(block_sizes) -> MgpuBlockSizes:
+    """The tiles of an "mgpu" call: ``MgpuBlockSizes`` as given, the defaults for None.
+
+    Raises:
+      ValueError: for another type (e.g. the pallas_call kernels' ``flash_common.BlockSizes``,
+        whose 8-row tiles wgmma cannot use).
+    """
+    if block_sizes is None:
+        return MgpuBlockSizes()
+    if not isinstance(block_sizes, MgpuBlockSizes):
+        raise ValueError(
+            f"mode='mgpu' takes block_sizes=flash_mgpu.MgpuBlockSizes(...), got {block_sizes!r}"
+        )
+    return block_sizes
+
+
+def check_inputs(q, k, v):
+    """Raises ValueError for operands outside the Mosaic GPU kernels' domain (no silent fallback).
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, P].
+    """
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1 or dtypes.pop() not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(
-            "the Mosaic GPU kernel needs q, k, v all bf16 or all f16 (wgmma takes 16-bit "
-            f"operands); got {q.dtype}, {k.dtype}, {v.dtype}"
+            "the Mosaic GPU kernels need q, k, v all bf16 or all f16 (wgmma takes 16-bit "
+            f"operands); got q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}. Cast them, "
+            "or use implementation='xla'."
         )
     h, p = q.shape[-1], v.shape[-1]
     if h % 64 or p % 64:
         raise ValueError(
-            f"the Mosaic GPU kernel needs head dims that are multiples of 64 (one 128-byte "
-            f"swizzled bf16 tile); got H={h}, P={p}. Use mode='loop' or 'grid' for other sizes."
+            f"the Mosaic GPU kernels need head dims that are multiples of 64 (one 128-byte "
+            f"swizzled bf16 tile); got H=q.shape[-1]={h}, P=v.shape[-1]={p}. Use "
+            "implementation='xla' for other sizes."
         )
+
+
+def interpret_params(interpret: bool):
+    """``plgpu.kernel``'s ``interpret`` argument: the Mosaic GPU interpreter's params or None."""
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
+
+    return InterpretGPUParams()
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +166,7 @@ def _check(q, k, v, block_sizes: MgpuBlockSizes):
 # --------------------------------------------------------------------------------------------
 
 
-def _hint(x, layout, interpret):
+def hint(x, layout, interpret):
     """Pins a register value to a WGMMA layout (the lowering cannot always infer it)."""
     if interpret:
         return x
@@ -126,14 +175,15 @@ def _hint(x, layout, interpret):
     return plgpu.layout_cast(x, layout)
 
 
-def _layouts():
+def layouts():
+    """(accumulator layout, one-value-per-row layout) of a wgmma result."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
     return plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
 
 
-def _iota(shape, dim, interpret):
-    """int32 iota along ``dim`` of a [bq, bk] tile, in the WGMMA accumulator layout."""
+def iota(shape, dim, interpret):
+    """int32 iota along ``dim`` of a 2-D tile, in the WGMMA accumulator layout."""
     if interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
@@ -141,54 +191,100 @@ def _iota(shape, dim, interpret):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _load_rows(ref, interpret):
-    """A [bq] f32 SMEM vector as one value per accumulator row."""
+def load_vector(ref, interpret, axis=1):
+    """A 1-D SMEM vector in registers, laid out to broadcast against a wgmma accumulator.
+
+    Args:
+      ref: [n] SMEM ref (f32 or int32).
+      interpret: plain load under the interpreter.
+      axis: 1: one value per accumulator row (``n`` = rows); 0: one per column.
+
+    Returns:
+      [n] value.
+    """
     if interpret:
         return ref[...]
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
 
 
-def _qk(q_smem, k_smem, interpret):
-    """Logits q @ k^T.
+def matmul_nt(a_smem, b_smem, interpret):
+    """a @ b^T with both operands in SMEM (wgmma reads b through a transposed view).
 
     Args:
-      q_smem: [bq, H] SMEM ref; k_smem: [bk, H] SMEM ref.
+      a_smem: [m, d] SMEM ref; b_smem: [n, d] SMEM ref (m = 64 rows per warpgroup).
 
     Returns:
-      f32 [bq, bk].
+      f32 [m, n] in the WGMMA layout.
     """
     if interpret:
         return lax.dot_general(
-            q_smem[...], k_smem[...], NT_DIMS, preferred_element_type=jnp.float32
+            a_smem[...], b_smem[...], NT_DIMS, preferred_element_type=jnp.float32
         )
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
     def compute(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
         return acc_ref[...]
 
-    return pl.run_scoped(compute, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+    return pl.run_scoped(compute, plgpu.ACC((a_smem.shape[0], b_smem.shape[0]), jnp.float32))
 
 
-def _pv(acc, p, v_smem, interpret):
-    """acc + p @ v.
+def matmul_acc(acc, a, b_smem, interpret):
+    """acc + a @ b with ``a`` in registers.
 
     Args:
-      acc: f32 [bq, P]; p: [bq, bk] in v's dtype (registers); v_smem: [bk, P] SMEM ref.
+      acc: f32 [m, n]; a: [m, k] in b's dtype (WGMMA layout); b_smem: [k, n] SMEM ref.
 
     Returns:
-      f32 [bq, P].
+      f32 [m, n].
     """
     if interpret:
-        return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+        return acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
     def compute(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_smem)
+        plgpu.wgmma(acc_ref, a, b_smem)
 
     return pl.run_state(compute)(plgpu.ACC.init(acc))
+
+
+def produce(n_steps, stages, groups):
+    """Memory warpgroup body: streams ``n_steps`` pipeline steps through a ``stages``-deep ring.
+
+    Step i goes to slot i % stages. The first ``stages`` steps are issued at once; step i >= stages
+    reuses its slot after the compute warpgroups have arrived on the slot's "free" barriers.
+
+    Args:
+      n_steps: traced int, number of steps (may be 0).
+      stages: ring depth.
+      groups: sequence of (free barrier ref [stages], issue(step, slot)): each ``issue`` starts the
+        TMA copies of one step into one slot; its copies wait for that group's free barrier only.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    def first(i):
+        for _, issue in groups:
+            issue(i, i)
+
+    for i in range(stages):
+        pl.when(i < n_steps)(functools.partial(first, i))
+
+    @pl.loop(0, jnp.maximum(n_steps - stages, 0))
+    def _refill(i):
+        slot = lax.rem(i, jnp.asarray(stages, i.dtype))
+        for free, issue in groups:
+            plgpu.barrier_wait(free.at[slot])  # every compute warpgroup is done with the slot
+            issue(i + stages, slot)
+
+    # Observe the last phases of the "free" barriers too, so every barrier phase has been
+    # waited on by the end of the kernel (the interpreter checks this; free on hardware).
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _drain(i):
+        slot = lax.rem(i, jnp.asarray(stages, i.dtype))
+        for free, _ in groups:
+            plgpu.barrier_wait(free.at[slot])
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,15 +345,15 @@ def _kernel(
         plgpu.copy_gmem_to_smem(sink_ref.at[n], rows_smem, sink_bars.at[wg])
         plgpu.barrier_wait(q_bars.at[wg])
         plgpu.barrier_wait(sink_bars.at[wg])
-        acc_layout, row_layout = (None, None) if interpret else _layouts()
+        acc_layout, row_layout = (None, None) if interpret else layouts()
 
-        m = _load_rows(rows_smem, interpret)  # [bq] running max (base 2), starts at the sink
+        m = load_vector(rows_smem, interpret)  # [bq] running max (base 2), starts at the sink
         # Denominator: exp2(sink - m) = 1 for the sink column, 0 without sinks.
-        l = _hint(jnp.full((bq,), 1.0 if has_sinks else 0.0, jnp.float32), row_layout, interpret)
-        acc = _hint(jnp.zeros((bq, o_smem.shape[-1]), jnp.float32), acc_layout, interpret)
+        l = hint(jnp.full((bq,), 1.0 if has_sinks else 0.0, jnp.float32), row_layout, interpret)
+        acc = hint(jnp.zeros((bq, o_smem.shape[-1]), jnp.float32), acc_layout, interpret)
         # Default positions: queries are the last q_len of kv_len keys.
-        q_pos = kv_len - q_len + row0 + _iota((bq, bk), 0, interpret)  # [bq, bk]
-        col = _iota((bq, bk), 1, interpret)  # [bq, bk]
+        q_pos = kv_len - q_len + row0 + iota((bq, bk), 0, interpret)  # [bq, bk]
+        col = iota((bq, bk), 1, interpret)  # [bq, bk]
         logit_scale = scale * LOG2E
 
         if bs.schedule_barrier:
@@ -267,7 +363,7 @@ def _kernel(
             acc, m, l = carry
             slot = lax.rem(i, jnp.asarray(stages, i.dtype))
             plgpu.barrier_wait(k_bars.at[slot])
-            s = _qk(q_smem, k_smem.at[slot], interpret)  # [bq, bk] f32
+            s = matmul_nt(q_smem, k_smem.at[slot], interpret)  # [bq, bk] f32
             schedule_sync()
             plgpu.barrier_arrive(k_free.at[slot])
             kv_pos = (lo + i) * bk + col  # [bq, bk]
@@ -287,7 +383,7 @@ def _kernel(
             plgpu.barrier_wait(v_bars.at[slot])
             if bs.schedule_barrier:
                 plgpu.barrier_wait(schedule)
-            acc = _pv(acc, p.astype(dtype), v_smem.at[slot], interpret)  # [bq, P]
+            acc = matmul_acc(acc, p.astype(dtype), v_smem.at[slot], interpret)  # [bq, P]
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
@@ -308,31 +404,18 @@ def _kernel(
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(n, jnp.asarray(groups, n.dtype))
 
-        def load(block, slot):
-            rows = (b, pl.ds(block * bk, bk), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
+        def issue(ref, smem, bars):
+            def start(step, slot):
+                rows = (b, pl.ds((lo + step) * bk, bk), kv_head)
+                plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bars.at[slot])
 
-        for i in range(stages):
-            pl.when(i < n_steps)(functools.partial(load, lo + i, i))
+            return start
 
-        @pl.loop(0, jnp.maximum(n_steps - stages, 0))
-        def _refill(i):
-            slot = lax.rem(i, jnp.asarray(stages, i.dtype))
-            rows = (b, pl.ds((lo + i + stages) * bk, bk), kv_head)
-            # Both compute warpgroups must be done with the slot before it is overwritten.
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
-
-        # Observe the last phases of the "free" barriers too, so every barrier phase has been
-        # waited on by the end of the kernel (the interpreter checks this; free on hardware).
-        @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-        def _drain(i):
-            slot = lax.rem(i, jnp.asarray(stages, i.dtype))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        produce(
+            n_steps,
+            stages,
+            [(k_free, issue(k_ref, k_smem, k_bars)), (v_free, issue(v_ref, v_smem, v_bars))],
+        )
 
 
 def flash_forward_mgpu(
@@ -364,7 +447,7 @@ def flash_forward_mgpu(
       o [B, T, N, P] in q's dtype and lse [B, N, T] f32 (natural log, sink term included).
     """
     bs = block_sizes or MgpuBlockSizes()
-    _check(q, k, v, bs)
+    check_inputs(q, k, v)
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
     b, t, n, h = q.shape
@@ -419,14 +502,6 @@ def flash_forward_mgpu(
             collective_axes="wg",
         )
 
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import (  # noqa: PLC0415
-            InterpretGPUParams,
-        )
-
-        interpret_params = InterpretGPUParams()
-    else:
-        interpret_params = None
     o, lse = plgpu.kernel(
         entry,
         out_type=(
@@ -439,6 +514,6 @@ def flash_forward_mgpu(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params,
+        interpret=interpret_params(interpret),
     )(qp, kp, vp, sink_rows)
     return o[:, :t], lse[:, :, :t]
