@@ -7,8 +7,14 @@ Nothing is allocated: the model, optimizer state, batch and KV cache are ``Shape
 with the preset's shardings, the training step and a decode step are lowered and compiled for a
 mesh of N (fake CPU) devices, and XLA's memory analysis gives each device's temporary bytes
 (activations and workspace). Parameter, optimizer and KV-cache bytes per device are summed from
-shapes and PartitionSpecs. The CPU compiler stands in for the accelerator's, so temporaries are
-indicative (an accelerator compiler schedules and fuses differently); the rest is exact.
+shapes and PartitionSpecs: those are exact.
+
+The MoE runs as ``expert_parallel`` under every preset (with one expert shard under ``fsdp``). Its
+grouped matmul is replaced by a single dense matmul of the same shapes ([R, D] x [D, M] -> [R, M]):
+XLA:CPU cannot express a grouped GEMM (it lowers ``ragged_dot`` to a dot against every expert,
+and our CPU path gathers a weight copy per row block), so compiling either would report CPU
+artefacts, while a grouped GEMM on GPU/TPU holds exactly the [R, M] outputs this proxy holds.
+Temporaries remain indicative: the CPU compiler schedules and fuses differently from XLA:GPU/TPU.
 """
 
 import argparse
@@ -91,12 +97,18 @@ def _cache_specs(cache):
     return jax.tree_util.tree_map_with_path(spec, cache)
 
 
+def _grouped_gemm_proxy(x, w, group_sizes):
+    """Same shapes and dtypes as a grouped GEMM (see the module docstring)."""
+    del group_sizes
+    return jnp.dot(x, w[0])  # [R, M]
+
+
 def plan(cfg, preset: str, mesh_shape, *, batch: int, seq_len: int, decode_batch: int,
          context: int) -> dict:  # fmt: skip
     """Per-device bytes of one preset: parameters, optimizer, training temporaries, KV cache,
     decode-step temporaries."""
-    if preset != "fsdp":
-        cfg = dataclasses.replace(cfg, moe_impl="expert_parallel")
+    cfg = dataclasses.replace(cfg, moe_impl="expert_parallel")
+    mimo_jax.moe.grouped_matmul = _grouped_gemm_proxy
     tc = base_config().train
     mesh = sh.make_mesh(mesh_shape)
     out = {"preset": preset, "mesh": dict(mesh.shape)}
@@ -156,6 +168,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--decode_batch", type=int, default=0, help="0: one sequence per batch shard")
     p.add_argument("--context", type=int, default=262144, help="decode cache length")
+    p.add_argument("--capacity_factor", type=float, default=0.0, help="EP capacity (0: dropless)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "memory_plan.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -164,6 +177,7 @@ def main(argv=None) -> list[dict]:
     else:
         cfg = dataclasses.replace(mimo_jax.mimo_v2_flash(), remat=True)
         meshes = MESHES
+    cfg = dataclasses.replace(cfg, moe_capacity_factor=args.capacity_factor)
     rows = []
     for preset in args.presets.split(","):
         mesh_shape = meshes[preset]
@@ -184,8 +198,9 @@ def main(argv=None) -> list[dict]:
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"devices": args.devices, "seq_len": args.seq_len,
-                       "context": args.context, "rows": rows}, f, indent=2)  # fmt: skip
+            json.dump({"devices": args.devices, "seq_len": args.seq_len, "context": args.context,
+                       "capacity_factor": args.capacity_factor, "rows": rows}, f,
+                      indent=2)  # fmt: skip
     return rows
 
 
