@@ -21,7 +21,7 @@ fp32 matmul rate (a jitted 2048 x 2048 ``jnp.dot``), with FLOPs from an analytic
 useful work (6 * active params * tokens + attention) and from XLA's cost analysis, both of the
 compiled step and of an unrolled copy (XLA counts a scanned layer stack's loop body only once).
 
-    python bench/train_vs_torch.py [--batch 8 --seq 256 --steps 3 ...]
+    python bench/train_vs_torch.py [--batch 16 --seq 256 --steps 3 ...]   (default: tiny's)
 
 Writes bench/results/train_vs_torch.json.
 """
@@ -45,6 +45,7 @@ from configs import tiny
 from mimo_jax import train
 from mimo_jax.config import DENSE, FULL, ModelConfig
 from mimo_jax.model import MiMoV2Flash
+from mimo_jax.moe import grouped_matmul_impl
 
 # ModelConfig fields that config.json does not carry; load_hf must be told them.
 NON_HF_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "scan_layers", "remat")
@@ -53,8 +54,8 @@ LOSS_TOL = 1e-4
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="default: the tiny config's batch")
+    p.add_argument("--seq", type=int, default=None, help="default: the tiny config's seq_len")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation")
     p.add_argument("--steps", type=int, default=3, help="timed rounds (one step of each side)")
     p.add_argument("--moe-impl", default=None, choices=["ragged", "dense"], help="default: tiny's")
@@ -160,7 +161,8 @@ def xla_flops_unrolled(cfg: ModelConfig, tc, tokens: jax.Array) -> float | None:
 
     Counted on the lowered (unoptimised) HLO of an abstract model: no compilation and no
     weights, a few seconds. Dots are counted as in the compiled module; what XLA executes on this
-    backend (e.g. ``ragged_dot`` lowered to a masked dot over every expert) shows up here.
+    backend (the padding rows of the CPU's blocked grouped matmul; on CPU ``ragged_dot`` would
+    show up as a masked dot over every expert) shows up here.
     """
     cfg = cfg.replace(scan_layers=False)
 
@@ -198,6 +200,8 @@ def main():
     if a.moe_impl:
         config.model.moe_impl = a.moe_impl
     tc = config.train
+    a.batch = a.batch or tc.batch_size
+    a.seq = a.seq or tc.seq_len
     cfg = train.model_config(config)
 
     tm = torch_model(cfg, a.torch_experts)
@@ -307,6 +311,7 @@ def main():
             "flops_per_s_analytic": total / jax_s,
             "flops_per_s_xla_unrolled": rate(flops_xla_unrolled, jax_s),
             "backend": jax.default_backend(),
+            "grouped_matmul": grouped_matmul_impl(),
             "version": jax.__version__,
         },
         "torch": {
@@ -346,8 +351,10 @@ def main():
         f"steps after {a.warmup} warmup; {os.cpu_count()} CPUs, load average 1/5/15 min "
         f"{fmt_load(load_start)} at start, {fmt_load(load_end)} at end"
     )
+    # The grouped matmul behind moe_impl="ragged" depends on the backend (blocked on CPU).
+    moe_label = cfg.moe_impl + (f" {grouped_matmul_impl()}" if cfg.moe_impl == "ragged" else "")
     rows = [
-        (f"jax ({jax.default_backend()}, jit train_step, moe {cfg.moe_impl})", jax_s),
+        (f"jax ({jax.default_backend()}, jit train_step, moe {moe_label})", jax_s),
         (
             f"transformers (eager attn, {tm.config._experts_implementation} experts, "
             f"{torch.get_num_threads()} thr)",
