@@ -96,9 +96,16 @@ def test_unknown_config_key_and_bad_workdir(tmp_path):
         train.train_and_evaluate(_config(), str(blocker / "sub"))
 
 
-def test_other_model_in_workdir_is_refused(tmp_path):
-    wd = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory) -> str:
+    """A workdir holding a 2-step debug run (checkpoint at step 2); tests copy it."""
+    wd = str(tmp_path_factory.mktemp("two_step") / "run")
     train.train_and_evaluate(_config(steps=2, checkpoint_every=2, eval_every=2), wd)
+    return wd
+
+
+def test_other_model_in_workdir_is_refused(two_step_run, tmp_path):
+    wd = shutil.copytree(two_step_run, str(tmp_path / "run"))
     before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
     c = _config(steps=4)
     c.model.embed_dim = 48
@@ -107,9 +114,8 @@ def test_other_model_in_workdir_is_refused(tmp_path):
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
-    wd = str(tmp_path / "run")
-    train.train_and_evaluate(_config(steps=2, checkpoint_every=2, eval_every=2), wd)
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(two_step_run, tmp_path):
+    wd = shutil.copytree(two_step_run, str(tmp_path / "run"))
     step_dir = os.path.join(wd, "checkpoints", "2")
     # Damage every data file of the saved model state.
     damaged = []
