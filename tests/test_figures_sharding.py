@@ -17,23 +17,7 @@ import mimo_jax
 from configs.base import base_config
 from mimo_jax import figures, train
 from mimo_jax import sharding as sh
-
-CFG = mimo_jax.tiny(
-    num_layers=3,  # dense global layer 0, then 2 SWA MoE layers as a scanned stack
-    vocab_size=64,
-    embed_dim=32,
-    mlp_dim=48,
-    moe_mlp_dim=16,
-    num_heads=4,
-    num_kv_heads=2,
-    swa_num_kv_heads=2,
-    head_dim=24,
-    v_head_dim=8,
-    sliding_window=5,
-    num_experts=8,
-    num_mtp_layers=1,
-    max_position_embeddings=64,
-)
+from tests.test_sharding import CFG  # the tiny mesh-test model
 
 
 def _abstract(cfg):
