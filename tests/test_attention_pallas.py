@@ -271,3 +271,26 @@ def test_block_sizes_validation():
     with pytest.raises(ValueError, match="multiple of 8"):
         flash.BlockSizes(block_q=12)
     assert flash.BlockSizes.get_default().block_kv == 128
+
+
+def test_lowers_for_tpu_mosaic():
+    """The "grid" schedule lowers to Mosaic TPU from this host: one kernel forward, three for
+    forward + backward (forward, dq, dk/dv), at the model's head dims with window and sinks."""
+    q = jax.ShapeDtypeStruct((1, 1024, 8, 192), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 1024, 2, 192), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((8,), jnp.float32)
+
+    def fwd(q, k, v, s):
+        return flash.flash_attention(
+            q, k, v, sinks=s, sliding_window=129, interpret=False, mode="grid"
+        )
+
+    def grads(q, k, v, s):
+        return jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))(
+            q, k, v, s
+        )
+
+    for fn, kernels in ((fwd, 1), (grads, 3)):
+        text = jax.jit(fn).trace(q, k, v, s).lower(lowering_platforms=("tpu",)).as_text()
+        assert text.count("tpu_custom_call") == kernels, fn.__name__
