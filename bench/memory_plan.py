@@ -66,18 +66,10 @@ MESHES = {
 QUICK_MESHES = {p: (1, -1, 2, 2) if p in ("tp_ep", "decode") else (1, -1, 4, 1) for p in MESHES}
 
 
-def _bytes_per_device(abstract, specs, mesh) -> int:
-    """Sum over arrays of nbytes / (number of shards its PartitionSpec splits it into)."""
-    total = 0
-    for x, spec in zip(jax.tree.leaves(abstract), jax.tree.leaves(specs), strict=True):
-        shards = math.prod(
-            mesh.shape[a]
-            for axes in spec
-            if axes
-            for a in ((axes,) if isinstance(axes, str) else axes)
-        )
-        total += x.size * x.dtype.itemsize // shards
-    return total
+def _cache_bytes_per_device(cache, specs, mesh) -> int:
+    """Bytes of the KV cache pytree each device holds under its PartitionSpecs."""
+    leaves = zip(jax.tree.leaves(cache), jax.tree.leaves(specs), strict=True)
+    return sum(math.prod(sh.shard_shape(x.shape, p, mesh)) * x.dtype.itemsize for x, p in leaves)
 
 
 def _with_shardings(tree, shardings):
@@ -116,14 +108,11 @@ def plan(cfg, preset: str, mesh_shape, *, batch: int, seq_len: int, decode_batch
         model, opt = nnx.eval_shape(
             lambda: (m := MiMoV2Flash(cfg, rngs=nnx.Rngs(0)), train.make_optimizer(m, tc))
         )
-        sh.check_divisible(nnx.state((model, opt)), mesh)
         graphdef, state = nnx.split((model, opt))
         specs = sh.param_specs(state)
         shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
-        out["params"] = _bytes_per_device(nnx.state(model), sh.param_specs(nnx.state(model)), mesh)
-        out["optimizer"] = _bytes_per_device(
-            nnx.state(opt.opt_state), sh.param_specs(nnx.state(opt.opt_state)), mesh
-        )
+        out["params"] = sh.param_bytes_per_device(model, mesh)
+        out["optimizer"] = sh.param_bytes_per_device(opt.opt_state, mesh)
 
         t0 = time.perf_counter()
         step = train.make_train_step(graphdef, cfg, tc, shardings)
@@ -137,7 +126,7 @@ def plan(cfg, preset: str, mesh_shape, *, batch: int, seq_len: int, decode_batch
         model_gd, model_state = nnx.split(model)
         cache = jax.eval_shape(lambda: model.init_cache(decode_batch, context, 2))
         cache_sh = jax.tree.map(lambda p: NamedSharding(mesh, p), _cache_specs(cache))
-        out["kv_cache"] = _bytes_per_device(cache, _cache_specs(cache), mesh)
+        out["kv_cache"] = _cache_bytes_per_device(cache, _cache_specs(cache), mesh)
 
         def decode_step(state, cache, ids, positions):  # one new token against the cache
             m = nnx.merge(model_gd, state)

@@ -9,6 +9,7 @@ index maps, the in-kernel loops and the tests all use the same bounds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Literal
 
@@ -331,3 +332,33 @@ def sinks_operand(sinks, num_heads):
     if sinks is None:
         sinks = jnp.zeros((num_heads,), jnp.float32)
     return sinks.astype(jnp.float32).reshape(num_heads, 1, 1)
+
+
+def forward_only(decode, kernel: str):
+    """``decode(q, k, v, sinks, q_positions, kv_positions, cfg)`` behind a custom VJP whose
+    backward raises: the decode kernels serve inference only, and XLA must not try to
+    differentiate through a ``pallas_call``.
+
+    Args:
+      decode: the kernel wrapper; ``cfg`` (argument 6) is static.
+      kernel: its name for the error message.
+
+    Returns:
+      The wrapped function.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def op(q, k, v, sinks, q_positions, kv_positions, cfg):
+        return decode(q, k, v, sinks, q_positions, kv_positions, cfg)
+
+    def fwd(q, k, v, sinks, q_positions, kv_positions, cfg):
+        return decode(q, k, v, sinks, q_positions, kv_positions, cfg), None
+
+    def bwd(cfg, res, do):
+        raise NotImplementedError(
+            f"The {kernel} decode kernel (q_positions / kv_positions given) is forward-only; "
+            "differentiate with implementation='xla' or without explicit positions."
+        )
+
+    op.defvjp(fwd, bwd)
+    return op

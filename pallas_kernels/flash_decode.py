@@ -176,8 +176,7 @@ def _decode_call(sinks, q_pos, kv_pos, q, k, v, cfg: _DecodeConfig):
     )(*operands)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _decode(q, k, v, sinks, q_positions, kv_positions, cfg: _DecodeConfig):
+def _decode_impl(q, k, v, sinks, q_positions, kv_positions, cfg: _DecodeConfig):
     b, t, n, h = q.shape
     s, kv_heads, p = k.shape[1], k.shape[2], v.shape[3]
     g = n // kv_heads
@@ -202,18 +201,7 @@ def _decode(q, k, v, sinks, q_positions, kv_positions, cfg: _DecodeConfig):
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, p)  # [B, T, N, P]
 
 
-def _decode_fwd(q, k, v, sinks, q_positions, kv_positions, cfg):
-    return _decode(q, k, v, sinks, q_positions, kv_positions, cfg), None
-
-
-def _decode_bwd(cfg, res, do):
-    raise NotImplementedError(
-        "The Pallas decode kernel (q_positions / kv_positions given) is forward-only; "
-        "differentiate with implementation='xla' or without explicit positions."
-    )
-
-
-_decode.defvjp(_decode_fwd, _decode_bwd)
+_decode = common.forward_only(_decode_impl, "Pallas")
 
 
 def decode_attention(

@@ -287,6 +287,38 @@ def produce(n_steps, stages, groups):
             plgpu.barrier_wait(free.at[slot])
 
 
+def stream_kv(kv_refs, smems, bars, frees, *, b, n, groups, lo, bk, n_steps, stages):
+    """Memory warpgroup of the forward and dq kernels: streams kv blocks ``lo .. lo + n_steps``
+    of query head n's kv head (n // groups) through the SMEM rings with TMA.
+
+    Args:
+      kv_refs: (k_ref [B, Sp, K, H], v_ref [B, Sp, K, P]) in GMEM.
+      smems: their SMEM rings [stages, bk, ...].
+      bars: their "loaded" barriers [stages].
+      frees: their "consumed" barriers [stages].
+      b, n: batch row and query head of this CTA.
+      groups: query heads per kv head (G).
+      lo: first kv block; bk: kv block size.
+      n_steps: traced number of kv blocks; stages: ring depth.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(n, jnp.asarray(groups, n.dtype))
+
+    def issue(ref, smem, bar):
+        def start(step, slot):
+            rows = (b, pl.ds((lo + step) * bk, bk), kv_head)
+            plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
+
+        return start
+
+    produce(n_steps, stages, [
+        (free, issue(ref, smem, bar))
+        for ref, smem, bar, free in zip(kv_refs, smems, bars, frees, strict=True)
+    ])  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # Kernel.
 # --------------------------------------------------------------------------------------------
@@ -401,21 +433,8 @@ def _kernel(
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(n, jnp.asarray(groups, n.dtype))
-
-        def issue(ref, smem, bars):
-            def start(step, slot):
-                rows = (b, pl.ds((lo + step) * bk, bk), kv_head)
-                plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bars.at[slot])
-
-            return start
-
-        produce(
-            n_steps,
-            stages,
-            [(k_free, issue(k_ref, k_smem, k_bars)), (v_free, issue(v_ref, v_smem, v_bars))],
-        )
+        stream_kv((k_ref, v_ref), (k_smem, v_smem), (k_bars, v_bars), (k_free, v_free), b=b, n=n,
+                  groups=groups, lo=lo, bk=bk, n_steps=n_steps, stages=stages)  # fmt: skip
 
 
 def flash_forward_mgpu(

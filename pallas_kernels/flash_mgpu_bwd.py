@@ -148,21 +148,8 @@ def _dq_kernel(
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(n, jnp.asarray(groups, n.dtype))
-
-        def issue(ref, smem, bars):
-            def start(step, slot):
-                rows = (b, pl.ds((lo + step) * bk, bk), kv_head)
-                plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bars.at[slot])
-
-            return start
-
-        fm.produce(
-            n_steps,
-            stages,
-            [(k_free, issue(k_ref, k_smem, k_bars)), (v_free, issue(v_ref, v_smem, v_bars))],
-        )
+        fm.stream_kv((k_ref, v_ref), (k_smem, v_smem), (k_bars, v_bars), (k_free, v_free), b=b, n=n,
+                  groups=groups, lo=lo, bk=bk, n_steps=n_steps, stages=stages)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import flash_mgpu as fm
-from pallas_kernels.flash_common import pad_axis
+from pallas_kernels.flash_common import forward_only, pad_axis
 
 __all__ = ["decode_attention_mgpu"]
 
@@ -146,7 +146,7 @@ def _pick_splits(num_blocks: int, ctas_per_split: int, num_splits: int | None) -
     return pl.cdiv(num_blocks, per_split), per_split
 
 
-def _decode(q, k, v, sinks, q_positions, kv_positions, *, cfg):
+def _decode(q, k, v, sinks, q_positions, kv_positions, cfg):
     """The kernel plus the split / sink merge; see ``decode_attention_mgpu``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
@@ -236,23 +236,7 @@ def _decode(q, k, v, sinks, q_positions, kv_positions, *, cfg):
     return out.reshape(b, t, n, p_dim).astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _decode_op(q, k, v, sinks, q_positions, kv_positions, cfg):
-    return _decode(q, k, v, sinks, q_positions, kv_positions, cfg=cfg)
-
-
-def _decode_fwd(q, k, v, sinks, q_positions, kv_positions, cfg):
-    return _decode(q, k, v, sinks, q_positions, kv_positions, cfg=cfg), None
-
-
-def _decode_bwd(cfg, res, do):
-    raise NotImplementedError(
-        "The Mosaic GPU decode kernel (q_positions / kv_positions given) is forward-only; "
-        "differentiate with implementation='xla' or without explicit positions."
-    )
-
-
-_decode_op.defvjp(_decode_fwd, _decode_bwd)
+_decode_op = forward_only(_decode, "Mosaic GPU")
 
 
 def decode_attention_mgpu(
