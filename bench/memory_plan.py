@@ -1,7 +1,8 @@
 """Per-device memory of MiMo-V2-Flash under each sharding preset, from compiled programs.
 
-    python bench/memory_plan.py                  # the real 309B config on 256 fake devices
+    python bench/memory_plan.py                  # configs/mimo_v2_flash.py on 256 fake devices
     python bench/memory_plan.py --quick          # a tiny config on 8 devices (seconds)
+    python bench/memory_plan.py --token_chunk=0 --loss_chunk=0   # without the memory chunking
 
 Nothing is allocated: the model, optimizer state, batch and KV cache are ``ShapeDtypeStruct``s
 with the preset's shardings, the training step and a decode step are lowered and compiled for a
@@ -44,6 +45,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import mimo_jax  # noqa: E402
+from configs import mimo_v2_flash as production  # noqa: E402
 from configs.base import base_config  # noqa: E402
 from mimo_jax import sharding as sh  # noqa: E402
 from mimo_jax import train  # noqa: E402
@@ -95,13 +97,27 @@ def _grouped_gemm_proxy(x, w, group_sizes):
     return jnp.dot(x, w[0])  # [R, M]
 
 
-def plan(cfg, preset: str, mesh_shape, *, batch: int, seq_len: int, decode_batch: int,
+def plan(cfg, tc, preset: str, mesh_shape, *, batch: int, seq_len: int, decode_batch: int,
          context: int) -> dict:  # fmt: skip
     """Per-device bytes of one preset: parameters, optimizer, training temporaries, KV cache,
-    decode-step temporaries."""
+    decode-step temporaries.
+
+    Args:
+      cfg: model config (run with ``moe_impl="expert_parallel"``).
+      tc: ``config.train`` (optimizer, ``loss_chunk``).
+      preset: sharding rule preset.
+      mesh_shape: (data, fsdp, expert, tensor).
+      batch: training sequences per step.
+      seq_len: training sequence length.
+      decode_batch: decoding sequences.
+      context: decode cache length.
+
+    Returns:
+      dict of per-device bytes (``params``, ``optimizer``, ``train_temp``, ``kv_cache``,
+      ``decode_temp``), compile seconds and the mesh.
+    """
     cfg = dataclasses.replace(cfg, moe_impl="expert_parallel")
     mimo_jax.moe.grouped_matmul = _grouped_gemm_proxy
-    tc = base_config().train
     mesh = sh.make_mesh(mesh_shape)
     out = {"preset": preset, "mesh": dict(mesh.shape)}
     with sh.use_mesh(mesh, preset):
@@ -157,23 +173,48 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--decode_batch", type=int, default=0, help="0: one sequence per batch shard")
     p.add_argument("--context", type=int, default=262144, help="decode cache length")
-    p.add_argument("--capacity_factor", type=float, default=0.0, help="EP capacity (0: dropless)")
+    p.add_argument(
+        "--capacity_factor",
+        type=float,
+        default=None,
+        help="EP capacity (0: dropless); default: the config's",
+    )
+    p.add_argument(
+        "--token_chunk",
+        type=int,
+        default=None,
+        help="EP tokens per device per dispatch (0: all); default: the config's",
+    )
+    p.add_argument(
+        "--loss_chunk",
+        type=int,
+        default=None,
+        help="cross-entropy positions per chunk (0: whole); default: the config's",
+    )
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "memory_plan.json"))
     args = p.parse_args(argv)
     if args.quick:
         cfg = mimo_jax.tiny(num_layers=3, num_kv_heads=2, num_mtp_layers=1)
+        tc = base_config().train
         args.seq_len, args.context, meshes = 64, 256, QUICK_MESHES
     else:
-        cfg = dataclasses.replace(mimo_jax.mimo_v2_flash(), remat=True)
+        config = production.get_config()
+        cfg, tc = train.model_config(config), config.train
         meshes = MESHES
-    cfg = dataclasses.replace(cfg, moe_capacity_factor=args.capacity_factor)
+    overrides = {"moe_capacity_factor": args.capacity_factor, "moe_token_chunk": args.token_chunk}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.loss_chunk is not None:
+        tc.loss_chunk = args.loss_chunk
+    print(f"param_dtype {cfg.param_dtype}, remat {cfg.remat}, moe_capacity_factor "
+          f"{cfg.moe_capacity_factor}, moe_token_chunk {cfg.moe_token_chunk}, "
+          f"train.loss_chunk {tc.loss_chunk}", flush=True)  # fmt: skip
     rows = []
     for preset in args.presets.split(","):
         mesh_shape = meshes[preset]
         mesh = sh.make_mesh(mesh_shape)
         with sh.use_mesh(mesh, preset):
             shards = math.prod(mesh.shape[a] for a in sh.mesh_axes(sh.BATCH))
-        row = plan(cfg, preset, mesh_shape, batch=args.batch or shards, seq_len=args.seq_len,
+        row = plan(cfg, tc, preset, mesh_shape, batch=args.batch or shards, seq_len=args.seq_len,
                    decode_batch=args.decode_batch or shards, context=args.context)  # fmt: skip
         rows.append(row)
         print(
@@ -188,7 +229,9 @@ def main(argv=None) -> list[dict]:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"devices": args.devices, "seq_len": args.seq_len, "context": args.context,
-                       "capacity_factor": args.capacity_factor, "rows": rows}, f,
+                       "capacity_factor": cfg.moe_capacity_factor,
+                       "token_chunk": cfg.moe_token_chunk, "loss_chunk": tc.loss_chunk,
+                       "param_dtype": cfg.param_dtype, "rows": rows}, f,
                       indent=2)  # fmt: skip
     return rows
 

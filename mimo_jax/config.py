@@ -66,6 +66,9 @@ class ModelConfig:
         (experts sharded over the mesh, tokens exchanged with all-to-all; needs ``use_mesh``).
       moe_capacity_factor: expert_parallel only: 0 is dropless (worst-case buffers); c > 0 keeps
         c times an even share of slots per peer and drops the overflow (reported in aux).
+      moe_token_chunk: expert_parallel only: tokens per device dispatched at a time (0 = all).
+        The all-to-all buffers hold X * chunk * k rows instead of X * n * k (X expert shards, n
+        tokens per device); each chunk is rematerialised in the backward pass.
       scan_layers: run repeated layer periods under ``jax.lax.scan``.
       remat: rematerialise each decoder layer in the backward pass.
     """
@@ -108,6 +111,7 @@ class ModelConfig:
     attention_impl: Literal["xla", "pallas"] = "xla"
     moe_impl: Literal["dense", "ragged", "expert_parallel"] = "ragged"
     moe_capacity_factor: float = 0.0
+    moe_token_chunk: int = 0
     scan_layers: bool = True
     remat: bool = False
 
@@ -194,6 +198,8 @@ class ModelConfig:
             fail("moe_impl", f"must be one of {MOE_IMPLS}")
         if self.moe_capacity_factor < 0:
             fail("moe_capacity_factor", "must be >= 0 (0 = dropless)")
+        if self.moe_token_chunk < 0:
+            fail("moe_token_chunk", "must be >= 0 (0 = all tokens at once)")
 
     # ----------------------------------------------------------------------------------------
     # Derived values.

@@ -18,6 +18,11 @@ dropped. That costs X * n * k * D elements per device per buffer (X times the av
 (their contribution is zero, the residual path carries the token) and the dropped fraction is
 returned so training can report it.
 
+Token chunks: with ``token_chunk = c > 0`` each device dispatches its tokens c at a time (a
+``lax.map`` whose body is rematerialised in the backward pass), so every buffer above holds
+X * c * k rows instead of X * n * k. The result is identical when dropless; with a capacity
+factor, capacity applies per chunk. The all-to-all volume is unchanged; only peak memory falls.
+
 Only fixed-size ``jax.lax.all_to_all`` is used, so the same code runs on CPU devices (where
 ``jax.lax.ragged_all_to_all`` has no implementation), GPU and TPU; the tests compare it with the
 ``dense`` and ``ragged`` implementations on 8 CPU devices, forward and gradients.
@@ -52,6 +57,7 @@ def expert_parallel_moe(
     *,
     grouped_matmul: GroupedMatmul,
     capacity_factor: float = 0.0,
+    token_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Routed SwiGLU experts with experts sharded over the active mesh (call under ``use_mesh``).
 
@@ -65,6 +71,7 @@ def expert_parallel_moe(
       grouped_matmul: ``(rows [R, D], w [E_local, D, M], group_sizes [E_local]) -> [R, M]``
         with rows sorted by expert (``mimo_jax.moe.grouped_matmul``).
       capacity_factor: 0 for dropless, else the slots per peer relative to an even split.
+      token_chunk: tokens per device dispatched at a time (0 = all; see the module docstring).
 
     Returns:
       y [N, D] fp32 and the fraction of assignments dropped [] (0 when dropless).
@@ -84,22 +91,32 @@ def expert_parallel_moe(
         raise ValueError(
             f"num_experts={e} is not divisible by the expert mesh axes {ex_axes} (size {shards})"
         )
-    # Pad the tokens to a multiple of the token shards; padded rows get weight 0.
+    # Pad the tokens to whole chunks on every token shard; padded rows get weight 0.
     tok_shards = math.prod(mesh.shape[a] for a in tok_axes)
-    pad = -n % tok_shards
+    local = -(-n // tok_shards)
+    chunk = min(token_chunk, local) if token_chunk > 0 else local
+    chunks = -(-local // chunk)
+    pad = chunks * chunk * tok_shards - n
     valid = jnp.arange(n + pad) < n  # [N + pad]
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
         idx = jnp.pad(idx, ((0, pad), (0, 0)))
-    local = (n + pad) // tok_shards
-    cap = capacity(local, idx.shape[1], shards, capacity_factor)
+    cap = capacity(chunk, idx.shape[1], shards, capacity_factor)
 
     def per_device(x, weights, idx, valid, wg, wu, wo):
-        y, dropped = _dispatch_compute_combine(
-            x, weights, idx, valid, wg, wu, wo, ex_axes, shards, cap, grouped_matmul
-        )
-        return y, dropped[None]
+        def one_chunk(args):
+            return _dispatch_compute_combine(
+                *args, wg, wu, wo, ex_axes, shards, cap, grouped_matmul
+            )
+
+        if chunks == 1:
+            y, dropped = one_chunk((x, weights, idx, valid))
+            return y, dropped[None]
+        split = (x, weights, idx, valid)
+        split = jax.tree.map(lambda a: a.reshape(chunks, chunk, *a.shape[1:]), split)
+        y, dropped = jax.lax.map(jax.checkpoint(one_chunk), split)  # [chunks, chunk, D]
+        return y.reshape(chunks * chunk, d), jnp.sum(dropped)[None]
 
     tok = P(tok_axes or None)
     w_spec = P(ex_axes or None)

@@ -31,8 +31,9 @@ class ModelOutput:
     """What ``MiMoV2Flash.__call__`` returns.
 
     Attributes:
-      logits: [B, T, V] fp32 next-token logits.
-      mtp_logits: one [B, T, V] per MTP depth k; position i predicts token i + k + 2.
+      logits: [B, T, V] fp32 next-token logits (None when called with ``logits=False``).
+      mtp_logits: one [B, T, V] per MTP depth k; position i predicts token i + k + 2 (empty
+        when called with ``logits=False``).
       hidden: [B, T, D] post-norm hidden states (the input of MTP depth 0).
       mtp_hidden: one [B, T, D] per MTP depth (post ``final_layernorm``).
       aux: ``expert_load`` [L, E], ``routing`` int32 [L, B, T, k] (-1 on dense layers),
@@ -40,7 +41,7 @@ class ModelOutput:
         with a capacity factor; else 0).
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     mtp_logits: tuple[jax.Array, ...]
     hidden: jax.Array
     mtp_hidden: tuple[jax.Array, ...]
@@ -302,6 +303,7 @@ class MiMoV2Flash(nnx.Module):
         *,
         routing: jax.Array | None = None,
         mtp: bool = True,
+        logits: bool = True,
     ) -> ModelOutput:
         """Forward pass over whole sequences (training, evaluation, parity checks).
 
@@ -310,6 +312,8 @@ class MiMoV2Flash(nnx.Module):
           positions: optional int [B, T]; defaults to arange(T) per row.
           routing: optional int [L, B, T, k] expert ids to replay instead of routing.
           mtp: also run the MTP chain (``out.mtp_logits``; empty when False).
+          logits: project to the vocabulary; False returns only the hidden states (a chunked
+            loss then applies ``self.logits`` piecewise, see ``train.chunked_cross_entropy``).
 
         Returns:
           ModelOutput (logits in fp32).
@@ -320,7 +324,6 @@ class MiMoV2Flash(nnx.Module):
         h = sh.constrain(self.embed_tokens(input_ids), (sh.BATCH, None, None))  # [B, T, D]
         h, aux, _ = self.decoder(h, positions, routing)
         hidden = self.norm(h)
-        logits = self.lm_head(hidden).astype(jnp.float32)  # [B, T, V]
         mtp_logits, mtp_hidden = [], []
         if mtp:
             h_prev = hidden
@@ -330,8 +333,14 @@ class MiMoV2Flash(nnx.Module):
                 ids_k = jnp.roll(input_ids, -(k + 1), axis=1)
                 h_prev, _ = layer(self.embed_tokens(ids_k), h_prev, positions + k + 1)
                 mtp_hidden.append(h_prev)
-                mtp_logits.append(self.lm_head(h_prev).astype(jnp.float32))
-        return ModelOutput(logits, tuple(mtp_logits), hidden, tuple(mtp_hidden), aux)
+                if logits:
+                    mtp_logits.append(self.logits(h_prev))
+        main_logits = self.logits(hidden) if logits else None  # [B, T, V]
+        return ModelOutput(main_logits, tuple(mtp_logits), hidden, tuple(mtp_hidden), aux)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The untied output head: post-norm hidden [..., D] -> fp32 logits [..., V]."""
+        return self.lm_head(hidden).astype(jnp.float32)
 
 
 def _sliced_attention(stacked: DecoderLayer, cfg: ModelConfig) -> Attention:

@@ -152,6 +152,7 @@ class MoE(nnx.Module):
                 *self._weights(dtype),
                 grouped_matmul=grouped_matmul,
                 capacity_factor=cfg.moe_capacity_factor,
+                token_chunk=cfg.moe_token_chunk,
             )
         aux = {
             "dropped_fraction": dropped,

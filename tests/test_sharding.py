@@ -215,7 +215,8 @@ def _skewed_inputs(n=40, e=8, k=2, d=16, m=12):
 @pytest.mark.parametrize(("shape", "preset"), [((1, 1, 8, 1), "fsdp_ep"), ((2, 1, 4, 1), "tp_ep"),
                                                ((1, 2, 2, 2), "decode")])  # fmt: skip
 def test_expert_parallel_equals_dense_and_ragged(shape, preset):
-    """Module level, skewed routing: one expert receives every token."""
+    """Module level, skewed routing: one expert receives every token; also dispatched in token
+    chunks."""
     cfg = dataclasses.replace(CFG, moe_impl="dense")
     moe = mimo_jax.moe.MoE(cfg, rngs=nnx.Rngs(0))
     bias = jnp.zeros((cfg.num_experts,)).at[3].set(10.0)  # the router picks expert 3 always
@@ -223,9 +224,9 @@ def test_expert_parallel_equals_dense_and_ragged(shape, preset):
     gd, state = nnx.split(moe)
     x = jax.random.normal(jax.random.key(4), (4, 10, cfg.embed_dim))
 
-    def run(impl):
-        g = nnx.graphdef(nnx.eval_shape(lambda: mimo_jax.moe.MoE(
-            dataclasses.replace(cfg, moe_impl=impl), rngs=nnx.Rngs(0))))  # fmt: skip
+    def run(impl, token_chunk=0):
+        g = nnx.graphdef(nnx.eval_shape(lambda: mimo_jax.moe.MoE(dataclasses.replace(
+            cfg, moe_impl=impl, moe_token_chunk=token_chunk), rngs=nnx.Rngs(0))))  # fmt: skip
 
         def loss(state, x):
             y, aux = nnx.merge(g, state)(x)
@@ -239,7 +240,10 @@ def test_expert_parallel_equals_dense_and_ragged(shape, preset):
     y_ragged, _, g_ragged = run("ragged")
     with sh.use_mesh(sh.make_mesh(shape), preset):
         y_ep, _, g_ep = run("expert_parallel")
-    for name, y, g in (("ragged", y_ragged, g_ragged), ("expert_parallel", y_ep, g_ep)):
+        # 40 tokens, 5 or 10 per device, dispatched 2 at a time (the 5 padded to 6).
+        y_chunked, _, g_chunked = run("expert_parallel", token_chunk=2)
+    for name, y, g in (("ragged", y_ragged, g_ragged), ("expert_parallel", y_ep, g_ep),
+                       ("expert_parallel chunked", y_chunked, g_chunked)):  # fmt: skip
         assert np.all(np.isfinite(y))
         np.testing.assert_allclose(y, y_dense, atol=TOL, rtol=0, err_msg=name)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_dense), strict=True):
