@@ -134,47 +134,48 @@ def _build(cfg):
 
 @pytest.fixture(scope="module")
 def reference():
-    """Single device, no mesh, ``ragged`` MoE: logits, one train step, greedy decoding."""
+    """Single device, no mesh, ``ragged`` MoE: initial state, logits, one train step, greedy
+    decoding of the stepped model."""
     model, opt = nnx.jit(lambda: _build(CFG))()
+    init = jax.tree.map(np.asarray, nnx.state((model, opt)))
     logits = jax.jit(lambda m: m(IDS).logits)(model)
     gd, state = nnx.split((model, opt))
     step = train.make_train_step(gd, CFG, TC)
     new_state, metrics = step(state, jnp.asarray(IDS)[None])
-    tokens = mimo_jax.generate(nnx.merge(gd, new_state)[0], IDS[:, :7], max_new_tokens=5,
-                               num_draft_tokens=1).tokens  # fmt: skip
-    return logits, new_state, metrics, np.asarray(tokens)
+    tokens = mimo_jax.generate(nnx.merge(gd, new_state)[0], IDS[:, :7], max_new_tokens=5).tokens
+    return init, logits, new_state, metrics, np.asarray(tokens)
 
 
-# Decoding compiles a prefill and a device loop per layout: each preset once, on a mesh where
-# every axis it uses is > 1, so that the suite stays within its time budget.
-DECODE = {("fsdp", (2, 1, 4, 1)), ("fsdp_ep", (1, 1, 8, 1)), ("tp_ep", (1, 2, 2, 2)),
-          ("decode", (1, 2, 2, 2))}  # fmt: skip
+# Every case decodes greedily; these also decode speculatively (1 MTP draft: greedy output must
+# not change), each preset once, on a mesh where every axis it uses is > 1.
+SPECULATIVE = {("fsdp", (2, 1, 4, 1)), ("fsdp_ep", (1, 1, 8, 1)), ("tp_ep", (1, 2, 2, 2)),
+               ("decode", (1, 2, 2, 2))}  # fmt: skip
 
 
 @pytest.mark.parametrize("preset", list(sh.RULES))
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_sharded_equals_single_device(reference, shape, preset):
     """Forward logits, one training step (loss, gradients, updated parameters and optimizer
-    state), and greedy speculative decoding, sharded with ``expert_parallel`` MoE vs one device
-    with ``ragged``."""
-    ref_logits, ref_state, ref_metrics, ref_tokens = reference
+    state), and greedy decoding, sharded with ``expert_parallel`` MoE vs one device with
+    ``ragged``. (Sharded initialisation itself: ``test_checkpoint_restores_onto_another_mesh``.)"""
+    init, ref_logits, ref_state, ref_metrics, ref_tokens = reference
     cfg = dataclasses.replace(CFG, moe_impl="expert_parallel")
     with sh.use_mesh(sh.make_mesh(shape), preset):
-        model, opt = sh.create_sharded(lambda: _build(cfg))
+        abstract = nnx.eval_shape(lambda: _build(cfg))
+        shardings = sh.state_shardings(abstract)
+        model, opt = nnx.merge(nnx.graphdef(abstract), jax.device_put(init, shardings))
         # Parameters, correction biases and both Adam moments carry the preset's layout.
         assert _check_specs(model, preset) > 20
         assert _check_specs(opt.opt_state, preset) > 40
         logits = nnx.jit(lambda m: m(IDS).logits)(model)
         gd, state = nnx.split((model, opt))
-        shardings = sh.state_shardings((model, opt))
         step = train.make_train_step(gd, cfg, TC, shardings)
         new_state, metrics = step(state, sh.put_batch(IDS[None], batch_dim=1))
         assert jax.tree.map(lambda x: x.sharding, new_state) == shardings
-        tokens = None
-        if (preset, shape) in DECODE:
-            new_model = nnx.merge(gd, new_state)[0]
-            tokens = mimo_jax.generate(new_model, IDS[:, :7], max_new_tokens=5,
-                                       num_draft_tokens=1).tokens  # fmt: skip
+        new_model = nnx.merge(gd, new_state)[0]
+        drafts = [0, 1] if (preset, shape) in SPECULATIVE else [0]
+        tokens = [mimo_jax.generate(new_model, IDS[:, :7], max_new_tokens=5,
+                                    num_draft_tokens=d).tokens for d in drafts]  # fmt: skip
 
     assert np.all(np.isfinite(logits))
     np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
@@ -184,8 +185,8 @@ def test_sharded_equals_single_device(reference, shape, preset):
     for path, var in ours:  # parameters, Adam moments (= gradients), step, correction biases
         a, b = np.asarray(var.get_value()), np.asarray(theirs[path].get_value())
         np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=".".join(map(str, path)))
-    if tokens is not None:
-        np.testing.assert_array_equal(tokens, ref_tokens)
+    for d, t in enumerate(tokens):
+        np.testing.assert_array_equal(t, ref_tokens, err_msg=f"{d} drafts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +330,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     from mimo_jax import checkpoint  # noqa: PLC0415
 
     with sh.use_mesh(sh.make_mesh((1, 1, 8, 1)), "fsdp_ep"):
-        model, opt = sh.create_sharded(lambda: _build(CFG))
+        model, opt = sh.create_sharded(lambda: _build(CFG))  # initialised inside jit, sharded
+        assert _check_specs(model, "fsdp_ep") > 20
+        assert _check_specs(opt.opt_state, "fsdp_ep") > 40
         saver = checkpoint.Checkpointer(str(tmp_path))
         saver.save(7, model, opt)
         saver.close()
