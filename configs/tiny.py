@@ -35,15 +35,20 @@ def get_config():
         param_dtype="float32",
         initializer_range=0.02,
     )
-    c.train.steps = 1000
-    c.train.batch_size = 8
+    # Small batches: on 2 CPU cores a step of 2 x 256 tokens runs at nearly the tokens/s of one
+    # of 8 x 256 (2200 vs 2500), and 4x the updates learn more per token. Validation bits/byte
+    # measured: 8 x 256, 1000 steps (2.0M tokens, ~14 min): 2.12; 4 x 256, 1200 steps (1.2M):
+    # 2.18; 2 x 256, 2400 steps (1.2M, ~10 min): 2.00. lr 6e-3 learned slower than 3e-3.
+    c.train.steps = 2400
+    c.train.batch_size = 2
     c.train.seq_len = 256
     c.train.lr = 3e-3
-    c.train.warmup_steps = 30
+    c.train.warmup_steps = 100
     # The paper's 1e-3 needs ~100 steps to move a bias by 0.1; until then whole experts get no
     # tokens (a third of the parameters had zero gradient at step 25). 1e-2 balances in ~10.
     c.train.bias_update_rate = 1e-2
-    c.train.log_every = 25
-    c.train.eval_every = 250
-    c.train.checkpoint_every = 250
+    c.train.log_every = 100
+    c.train.eval_every = 600
+    c.train.eval_batches = 32  # 64 windows of 256 bytes, as 8 batches of 8 before
+    c.train.checkpoint_every = 600
     return c

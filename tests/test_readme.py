@@ -99,7 +99,14 @@ COVERAGE = {
         replace=(("--workdir=runs/tiny", "--workdir={workdir}"),),
     ),
     "python bench/memory_plan.py": Run(
-        ("--quick", "--presets=fsdp_ep", "--out={tmp}/memory_plan.json"), "per device"
+        (
+            "--quick",
+            "--presets=fsdp_ep",
+            "--token_chunk=16",
+            "--loss_chunk=16",
+            "--out={tmp}/memory_plan.json",
+        ),
+        "per device",
     ),
     "python main.py --config=configs/mimo_v2_flash.py --workdir=gs://BUCKET/mimo --distributed": (
         ByTests(
