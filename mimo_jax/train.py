@@ -41,9 +41,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.
     Returns:
       [] mean loss (nats).
     """
+    return _nll_sum(logits, labels, mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _nll_sum(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Summed masked NLL: logits [B, T, V], labels int [B, T], mask [B, T] -> []."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [B, T]
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(nll * mask)
 
 
 def chunked_cross_entropy(
@@ -84,8 +89,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def chunk_nll(args):
         h, y, m = args  # [B, c, D], [B, c], [B, c]
-        logp = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)  # [B, c, V]
-        return -jnp.sum(jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0] * m)
+        return _nll_sum(head(h), y, m)  # the [B, c, V] logits live only inside this chunk
 
     nll = jax.lax.map(chunk_nll, (split(hidden), split(labels), split(mask)))  # [n]
     return jnp.sum(nll) / jnp.maximum(jnp.sum(mask), 1.0)
