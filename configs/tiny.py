@@ -39,7 +39,8 @@ def get_config():
     # of 8 x 256 (2200 vs 2500), and 4x the updates learn more per token. Validation bits/byte
     # measured: 8 x 256, 1000 steps (2.0M tokens, ~14 min): 2.12; 4 x 256, 1200 steps (1.2M):
     # 2.18; 2 x 256, 2400 steps (1.2M, ~11 min): 2.00, then 2.03 after a change to the blocked MoE
-    # that altered only float rounding (so ~0.03 is run-to-run noise). lr 6e-3 learned slower.
+    # that altered only float rounding (so ~0.03 is run-to-run noise). lr 6e-3 learned slower;
+    # min_lr_ratio 0 instead of base's 0.1 ended worse (2.07).
     c.train.steps = 2400
     c.train.batch_size = 2
     c.train.seq_len = 256
