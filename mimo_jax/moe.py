@@ -257,8 +257,9 @@ def default_block_size(rows: int, num_groups: int) -> int:
 
     Padding costs up to b - 1 rows per expert, E * b / 2 in all on average; a power of two near
     R / (2E) keeps that near R / 4. Smaller blocks pad less but run slower on CPU: per block
-    there is a gathered [D, M] weight copy and a small matmul. The tiny config's train step
-    (R = 1024, E = 8) ran ~8% faster at b = 64 than at 32, and no faster at 128.
+    there is a gathered [D, M] weight copy and a small matmul. On the tiny config's train step
+    (R = 1024, E = 8) b = 64 ran faster than 32 (5-10% in separate runs on a noisy CPU); 128 was
+    no faster than 64.
     Clamped to [8, 128]: 8 is a few SIMD rows; beyond 128 rows a block gains nothing on CPU.
 
     Args:
