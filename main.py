@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mimo_jax import checkpoint, data, hf, train
+from mimo_jax import checkpoint, data, hf, host, train
 from mimo_jax.generate import generate
 
 MODES = ("train", "eval", "generate", "import_hf", "export_hf")
@@ -111,6 +111,8 @@ def generate_text(workdir: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.mode in ("train", "eval") and FLAGS.config.keep_freed_memory:
+        host.keep_freed_memory()  # before the backend starts its threads
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Before anything touches a device: every process then sees the global device list.
         jax.distributed.initialize(

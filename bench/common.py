@@ -4,6 +4,7 @@ Importing this module puts the repository root on ``sys.path``, so a bench scrip
 ``python bench/<name>.py`` can then import ``mimo_jax`` and ``configs``; import it before them.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from mimo_jax import hf  # noqa: E402  (needs the path above)
+from mimo_jax import hf, host  # noqa: E402  (needs the path above)
 
 RESULTS = os.path.join(REPO, "bench", "results")
 
@@ -60,6 +61,25 @@ def median_seconds(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def add_malloc_flag(p: argparse.ArgumentParser) -> None:
+    """``--keep-freed-memory`` (default on, as in the CPU configs): see ``mimo_jax/host.py``."""
+    p.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc keeps freed memory, for both sides (mimo_jax/host.py)",
+    )
+
+
+def apply_malloc_flag(a: argparse.Namespace) -> bool:
+    """Applies ``--keep-freed-memory``; call first in main(), before JAX or torch start threads.
+
+    Returns:
+      Whether the setting is in effect (False when off, or where the C library is not glibc).
+    """
+    return host.keep_freed_memory() if a.keep_freed_memory else False
 
 
 def host_info() -> dict:

@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", default=os.path.join(common.RESULTS, "forward_vs_torch.json"), help="'' = none"
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run; a smoke test")
+    common.add_malloc_flag(p)
     a = p.parse_args(argv)
     if a.quick:  # re-parse so that flags given explicitly override the quick sizes
         p.set_defaults(**QUICK)
@@ -112,6 +113,7 @@ def main(argv=None) -> dict:
       The result dict (also the JSON's content).
     """
     a = parse_args(argv)
+    keep_freed = common.apply_malloc_flag(a)
     torch.set_num_threads(a.threads)
     tm = torch_model(a)
     model = common.to_jax(tm, moe_impl=a.moe_impl)
@@ -161,7 +163,7 @@ def main(argv=None) -> dict:
         "speedup_jax_over_torch": torch_s / jax_s,
         "max_abs_logit_diff": max_diff,
         "max_abs_logit": float(np.abs(logits_t).max()),
-        "host": common.host_info(),
+        "host": {**common.host_info(), "keep_freed_memory": keep_freed},
     }
 
     print(

@@ -68,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=2048, help="square fp32 matmul for the peak")
     p.add_argument("--peak-runs", type=int, default=5)
     p.add_argument("--out", default=os.path.join(common.RESULTS, "train_vs_torch.json"))
+    common.add_malloc_flag(p)
     return p.parse_args()
 
 
@@ -193,6 +194,7 @@ def matmul_peak(size: int, runs: int) -> dict:
 
 def main():
     a = parse_args()
+    keep_freed = common.apply_malloc_flag(a)
     load_start = os.getloadavg()
     torch.set_num_threads(a.threads)
     config = tiny.get_config()
@@ -334,7 +336,11 @@ def main():
         },
         "first_step": {**first, "abs_ce_diff": loss_diff, "rel_grad_norm_diff": gnorm_rel},
         "losses": losses,
-        "host": {**common.host_info(), "loadavg_start": list(load_start)},
+        "host": {
+            **common.host_info(),
+            "loadavg_start": list(load_start),
+            "keep_freed_memory": keep_freed,
+        },
     }
     result["host"]["loadavg_end"] = result["host"].pop("loadavg_1_5_15")
 
@@ -349,7 +355,8 @@ def main():
     print(
         f"batch {a.batch} x seq {a.seq} = {n_tok} tokens/step; median of {a.steps} interleaved "
         f"steps after {a.warmup} warmup; {os.cpu_count()} CPUs, load average 1/5/15 min "
-        f"{fmt_load(load_start)} at start, {fmt_load(load_end)} at end"
+        f"{fmt_load(load_start)} at start, {fmt_load(load_end)} at end; glibc malloc keeps "
+        f"freed memory: {'yes' if keep_freed else 'no'} (--keep-freed-memory)"
     )
     # The grouped matmul behind moe_impl="ragged" depends on the backend (blocked on CPU).
     moe_label = cfg.moe_impl + (f" {grouped_matmul_impl()}" if cfg.moe_impl == "ragged" else "")

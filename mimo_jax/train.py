@@ -317,18 +317,32 @@ def make_eval_step(graphdef, loss_chunk: int = 0):
 
 
 def evaluate(model: MiMoV2Flash, val_tokens: np.ndarray, ec, bytes_per_token: float) -> dict:
-    """Validation loss and bits per byte over fixed consecutive windows.
+    """Validation loss and bits per byte over fixed windows spread over the split.
+
+    The windows are ``data.eval_batches``: ``ec.eval_batches`` batches of ``ec.batch_size``
+    windows of ``ec.seq_len``, spread evenly over the split; 0 takes every window.
 
     Returns:
       ``val_loss`` (nats/token), ``val_bpb`` (= val_loss / ln 2 / bytes_per_token), per-depth
       ``val_mtp_ce_<k>``.
+
+    Raises:
+      ValueError: ``ec.eval_batches`` < 0, or the split holds fewer than one batch of windows.
     """
+    if ec.eval_batches < 0:
+        raise ValueError(
+            f"config.train.eval_batches={ec.eval_batches} must be >= 0 (0 = every window)"
+        )
     graphdef, state = nnx.split(model)
     step = make_eval_step(graphdef, ec.loss_chunk)
     sums, n = {}, 0
-    for batch in data.eval_batches(
-        val_tokens, batch_size=ec.batch_size, seq_len=ec.seq_len, max_batches=ec.eval_batches
-    ):
+    batches = data.eval_batches(
+        val_tokens,
+        batch_size=ec.batch_size,
+        seq_len=ec.seq_len,
+        max_batches=ec.eval_batches or None,
+    )
+    for batch in batches:
         m = step(state, sh.put_batch(batch))
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
         n += 1

@@ -162,7 +162,13 @@ def test_eval_batches_deterministic_and_non_overlapping():
     assert all(x.shape == (2, 11) and x.dtype == np.int32 for x in batches)
     labels = np.concatenate([x[:, 1:].reshape(-1) for x in batches])
     np.testing.assert_array_equal(labels, np.arange(1, 101))  # each predicted exactly once
-    assert len(list(data.eval_batches(tokens, batch_size=2, seq_len=10, max_batches=3))) == 3
+    capped = list(data.eval_batches(tokens, batch_size=2, seq_len=10, max_batches=2))
+    # 4 of the 10 windows, every 2nd: the cap samples the whole split, not just its start.
+    np.testing.assert_array_equal([x[:, 0] for x in capped], [[0, 20], [40, 60]])
+    capped = list(data.eval_batches(tokens, batch_size=1, seq_len=10, max_batches=3))
+    np.testing.assert_array_equal([x[0, 0] for x in capped], [0, 30, 60])
+    with pytest.raises(ValueError, match="max_batches must be >= 1"):
+        data.eval_batches(tokens, batch_size=2, seq_len=10, max_batches=0)
     with pytest.raises(ValueError, match="batch_size=11"):
         data.eval_batches(tokens, batch_size=11, seq_len=10)
     with pytest.raises(ValueError, match="seq_len=200"):

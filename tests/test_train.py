@@ -64,6 +64,29 @@ def test_debug_run_learns_and_resumes_exactly(tmp_path):
         assert abs(a["mtp_ce_0"] - b["mtp_ce_0"]) <= 1e-6
 
 
+def test_evaluate_spread_windows_and_whole_split():
+    c = _config(batch_size=2, seq_len=16)
+    model = train.MiMoV2Flash(train.model_config(c), rngs=nnx.Rngs(0))
+    val = np.random.default_rng(0).integers(0, 256, 16 * 12 + 1)  # 12 windows: 6 batches of 2
+
+    def val_loss(eval_batches):
+        c.train.eval_batches = eval_batches
+        return train.evaluate(model, val, c.train, 1.0)["val_loss"]
+
+    everything = val_loss(0)
+    assert val_loss(6) == pytest.approx(everything, rel=1e-6)
+    assert val_loss(100) == pytest.approx(everything, rel=1e-6)
+    assert val_loss(1) != pytest.approx(everything, rel=1e-6)
+    # A budget of 2 batches evaluates windows 0, 3 | 6, 9 (spread over the split), not 0-3.
+    graphdef, state = nnx.split(model)
+    step = train.make_eval_step(graphdef)
+    windows = [val[16 * w : 16 * w + 17] for w in (0, 3, 6, 9)]
+    spread = np.mean([float(step(state, np.stack(windows[i : i + 2]))["ce"]) for i in (0, 2)])
+    assert val_loss(2) == pytest.approx(spread, rel=1e-5)
+    with pytest.raises(ValueError, match=r"config.train.eval_batches=-1 must be >= 0"):
+        val_loss(-1)
+
+
 def test_bias_update_balances_a_skewed_router():
     c = _config(lr=0.0, bias_update_rate=0.005, aux_loss_weight=0.0)
     cfg = train.model_config(c)
