@@ -71,6 +71,10 @@ COVERAGE = {
     ): ByTests(_CLI, "test_cli.py::test_config_dict_errors"),
     "python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny": ByTests(_CLI),
     (
+        "python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny "
+        "--config.train.eval_batches=0"
+    ): ByTests(_CLI, "test_train.py::test_evaluate_spread_windows_and_whole_split"),
+    (
         "python main.py --mode=generate --workdir=runs/tiny '--prompt=def ' --num_draft_tokens=3"
     ): ByTests(_CLI),
     "python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported": ByTests(
