@@ -4,7 +4,10 @@ XLA:CPU allocates each executable's temporary buffer afresh on every call and fr
 the tiny config's train step that block is ~130 MB, so glibc serves it with ``mmap`` and returns
 it with ``munmap``, and every step faults all its pages in again. Measured on a 2-core VM
 (``getrusage`` over 100 tiny steps): 33,600 minor page faults and 130 ms of kernel time per
-~290 ms step; with ``keep_freed_memory()`` 670 faults, 9 ms, and the step ~13% faster.
+~290 ms step; with ``keep_freed_memory()`` 670 faults and 9 ms. The step ran 237-268 ms against
+294-303 ms in runs that alternated the two, but user time rose by ~60 ms per step (the single
+arena's lock is contended), and in a whole tiny run CPU time was unchanged (24 + 1082 s against
+288 + 793 s in an earlier run): part of the gain goes back to that contention.
 """
 
 import ctypes
