@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.lr = 3e-3
     c.train.min_lr_ratio = 0.1
     c.train.warmup_steps = 50
+    c.train.hold_steps = 0  # steps at the peak lr after warmup, before the cosine decay
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.eps = 1e-8

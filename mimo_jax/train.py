@@ -179,13 +179,30 @@ def model_loss(
 
 
 def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup to ``lr``, cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=tc.lr,
-        warmup_steps=tc.warmup_steps,
-        decay_steps=max(tc.steps, tc.warmup_steps + 1),
-        end_value=tc.lr * tc.min_lr_ratio,
+    """Linear warmup to ``lr``, ``hold_steps`` at ``lr``, cosine to ``lr * min_lr_ratio``.
+
+    The cosine ends at ``steps``. ``hold_steps=0`` is plain warmup + cosine; the paper holds its
+    peak for most of pre-training (reference section 6).
+
+    Args:
+      tc: ``config.train`` (lr, min_lr_ratio, warmup_steps, hold_steps, steps).
+
+    Returns:
+      An optax schedule of the step.
+    """
+    hold = tc.hold_steps
+    if hold < 0 or (hold and tc.warmup_steps + hold >= tc.steps):
+        raise ValueError(
+            f"config.train.hold_steps={hold} must be >= 0 and leave steps to decay: "
+            f"warmup_steps + hold_steps < steps = {tc.steps}"
+        )
+    warmup = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+    cosine = optax.cosine_decay_schedule(
+        tc.lr, max(tc.steps - tc.warmup_steps - hold, 1), alpha=tc.min_lr_ratio
+    )
+    return optax.join_schedules(
+        [warmup, optax.constant_schedule(tc.lr), cosine],
+        boundaries=[tc.warmup_steps, tc.warmup_steps + hold],
     )
 
 

@@ -177,3 +177,25 @@ def test_remat_and_chunked_loss_give_the_same_loss_and_gradients():
         np.testing.assert_allclose(other_loss, plain_loss, atol=1e-6, rtol=0)
         for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(other), strict=True):
             assert np.max(np.abs(np.asarray(x) - np.asarray(y))) < 1e-6, (remat, chunk)
+
+
+def test_learning_rate_schedule_warmup_hold_cosine():
+    """Warmup is linear from 0, the peak is held `hold_steps`, then a cosine reaches
+    lr * min_lr_ratio at `steps`; hold 0 is plain warmup + cosine; a hold that leaves no decay
+    is an error naming the field."""
+    tc = _config(steps=100, warmup_steps=10, hold_steps=40, lr=2.0, min_lr_ratio=0.1).train
+    lr = train.learning_rate_schedule(tc)
+
+    def cosine(step, start):
+        frac = (step - start) / (100 - start)
+        return 2.0 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+
+    for step, want in [(0, 0.0), (5, 1.0), (10, 2.0), (30, 2.0), (50, 2.0), (75, cosine(75, 50)),
+                       (100, 0.2), (120, 0.2)]:  # fmt: skip
+        np.testing.assert_allclose(float(lr(step)), want, rtol=1e-6, atol=1e-7)
+    plain = train.learning_rate_schedule(_config(steps=100, warmup_steps=10, lr=2.0).train)
+    for step in (10, 40, 55, 99):
+        np.testing.assert_allclose(float(plain(step)), cosine(step, 10), rtol=1e-6)
+    for bad in (-1, 90):
+        with pytest.raises(ValueError, match="hold_steps"):
+            train.learning_rate_schedule(_config(steps=100, warmup_steps=10, hold_steps=bad).train)
