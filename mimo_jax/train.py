@@ -333,6 +333,13 @@ def make_eval_step(graphdef, loss_chunk: int = 0):
     return jax.jit(step)
 
 
+def _check_eval_batches(tc: ml_collections.ConfigDict) -> None:
+    if tc.eval_batches < 0:
+        raise ValueError(
+            f"config.train.eval_batches={tc.eval_batches} must be >= 0 (0 = every window)"
+        )
+
+
 def evaluate(model: MiMoV2Flash, val_tokens: np.ndarray, ec, bytes_per_token: float) -> dict:
     """Validation loss and bits per byte over fixed windows spread over the split.
 
@@ -347,10 +354,7 @@ def evaluate(model: MiMoV2Flash, val_tokens: np.ndarray, ec, bytes_per_token: fl
       ValueError: ``ec.eval_batches`` < 0, or the split holds fewer than one batch of windows
         (raised by ``data.eval_batches``).
     """
-    if ec.eval_batches < 0:
-        raise ValueError(
-            f"config.train.eval_batches={ec.eval_batches} must be >= 0 (0 = every window)"
-        )
+    _check_eval_batches(ec)
     graphdef, state = nnx.split(model)
     step = make_eval_step(graphdef, ec.loss_chunk)
     sums, n = {}, 0
@@ -451,6 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     tc = config.train
     cfg = model_config(config)
+    # Bad train settings fail here, before the workdir is created or the data loaded.
+    learning_rate_schedule(tc)
+    _check_eval_batches(tc)
     _check_workdir(workdir)
     _check_same_model(workdir, cfg)
     tokenizer = data.load_tokenizer(config.data.tokenizer or None)

@@ -113,6 +113,10 @@ def test_unknown_config_key_and_bad_workdir(tmp_path):
     c.model.hidden_size = 3
     with pytest.raises(ValueError, match="hidden_size"):
         train.train_and_evaluate(c, str(tmp_path / "a"))
+    for key, value in (("hold_steps", 40), ("eval_batches", -1)):
+        with pytest.raises(ValueError, match=key):  # before the workdir is created
+            train.train_and_evaluate(_config(**{key: value}), str(tmp_path / key))
+        assert not (tmp_path / key).exists()
     blocker = tmp_path / "file"
     blocker.write_text("not a dir")
     with pytest.raises(PermissionError, match="not writable"):
