@@ -42,7 +42,7 @@ def get_config():
     # the whole split (--mode=eval --config.train.eval_batches=0), one run each: 8 layers, 2400
     # steps, plain cosine, weight decay 0.1: 2.09-2.13 (two runs); the same held at the peak for
     # 1200 steps: 2.08. 6 layers held for half the run, weight decay 0.1: 2600 / 2800 / 3000
-    # steps: 2.047 / 2.012 / 1.983 (2800 steps take ~10.5 min); 2800 steps with weight decay
+    # steps: 2.047 / 2.012 / 1.983 (2800 steps: 10.5-12.7 min); 2800 steps with weight decay
     # 0 / 0.1 / 0.2 / 0.3: 2.057 / 2.012 / 1.989 / 1.979. Any change of setting moves the result
     # by up to ~0.03 (float rounding takes another path); runs sharing a config prefix matched
     # to the last digit over it. Earlier, on the split's first 64 windows (~0.1 easier): lr 6e-3
