@@ -7,6 +7,7 @@ computation on one device: fp32, 1e-5.
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -383,9 +384,11 @@ def test_two_process_training_equals_one_process(tmp_path):
     port = _free_port()
 
     def launch(devices, workdir, *extra):
+        # The suite's compile-speed flags (tests/conftest.py), with this process's device count.
+        xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                     os.environ.get("XLA_FLAGS", ""))  # fmt: skip
         env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                             "--xla_backend_optimization_level=0")  # fmt: skip
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla}")
         cmd = [sys.executable, "main.py", *flags, f"--workdir={workdir}", *extra]
         return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
