@@ -387,8 +387,11 @@ def test_two_process_training_equals_one_process(tmp_path):
         # The suite's compile-speed flags (tests/conftest.py), with this process's device count.
         xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                      os.environ.get("XLA_FLAGS", ""))  # fmt: skip
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla}")
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla}",
+        )
         cmd = [sys.executable, "main.py", *flags, f"--workdir={workdir}", *extra]
         return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
