@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seq_len = 256
     c.train.grad_accum = 1  # micro-batches per optimizer step
     # Positions per cross-entropy chunk; 0 = whole sequence. > 0 never holds the [B, T, V] fp32
-    # logits: each chunk's are recomputed in the backward pass (train.chunked_cross_entropy).
+    # logits: each chunk's are recomputed in the backward pass
+    # (mimo_jax.loss.chunked_cross_entropy).
     c.train.loss_chunk = 0
     c.train.lr = 3e-3
     c.train.min_lr_ratio = 0.1

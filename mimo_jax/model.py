@@ -313,7 +313,7 @@ class MiMoV2Flash(nnx.Module):
           routing: optional int [L, B, T, k] expert ids to replay instead of routing.
           mtp: also run the MTP chain (``out.mtp_logits``; empty when False).
           logits: project to the vocabulary; False returns only the hidden states (a chunked
-            loss then applies ``self.logits`` piecewise, see ``train.chunked_cross_entropy``).
+            loss then applies ``self.logits`` piecewise, see ``loss.chunked_cross_entropy``).
 
         Returns:
           ModelOutput (logits in fp32).

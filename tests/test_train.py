@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import debug
-from mimo_jax import train
+from mimo_jax import loss, train
 
 
 def _config(**train_kw):
@@ -83,6 +83,9 @@ def test_evaluate_spread_windows_and_whole_split():
     windows = [val[16 * w : 16 * w + 17] for w in (0, 3, 6, 9)]
     spread = np.mean([float(step(state, np.stack(windows[i : i + 2]))["ce"]) for i in (0, 2)])
     assert val_loss(2) == pytest.approx(spread, rel=1e-5)
+    # The training loop passes one prebuilt step to every evaluation (no recompiling).
+    reused = train.evaluate(model, val, c.train, 1.0, eval_step=step)["val_loss"]
+    assert reused == pytest.approx(spread, rel=1e-5)
     with pytest.raises(ValueError, match=r"config.train.eval_batches=-1 must be >= 0"):
         val_loss(-1)
 
@@ -170,10 +173,10 @@ def test_remat_and_chunked_loss_give_the_same_loss_and_gradients():
     def loss_and_grads(remat, chunk):
         model = train.MiMoV2Flash(cfg.replace(remat=remat), rngs=nnx.Rngs(0))
 
-        def loss(m):
-            return train.model_loss(m, tokens, mtp_weight=0.3, aux_weight=1e-2, chunk=chunk)[0]
+        def loss_of(m):
+            return loss.model_loss(m, tokens, mtp_weight=0.3, aux_weight=1e-2, chunk=chunk)[0]
 
-        return jax.jit(nnx.value_and_grad(loss))(model)
+        return jax.jit(nnx.value_and_grad(loss_of))(model)
 
     plain_loss, plain = loss_and_grads(False, 0)
     for remat, chunk in ((True, 0), (False, 7)):
