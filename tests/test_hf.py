@@ -2,29 +2,35 @@
 
 Covers: logits parity after importing a random tiny transformers model, export that
 transformers loads with the same logits, bit-exact import/export round trips including the MTP
-blocks, sharded export, FP8 block-quantized import, rejection of malformed checkpoints and
-configs (the error names the culprit), atomic export, and the hub ``config.json`` dialect.
-Everything is tiny, fp32 and on CPU; nothing is downloaded.
+blocks, sharded export, FP8 block-quantized import. (Malformed checkpoints, atomic export and
+the hub ``config.json`` dialect: test_hf_errors.py.) Everything is tiny, fp32 and on CPU;
+nothing is downloaded.
 """
 
 import json
 import os
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
+from hf_testing import (
+    assert_checkpoints_equal,
+    assert_states_equal,
+    flat_state,
+    random_model,
+    read_config,
+    read_dir,
+    write_dir,
+)
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 import mimo_jax
 from mimo_jax import hf
-from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE, ModelConfig
+from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE
 
 # One compiled function per model structure; the jit cache is shared by all tests.
 _logits = jax.jit(lambda m, ids: m(ids, mtp=False).logits)
@@ -44,80 +50,6 @@ def _assert_close(got, want, atol, what):
     assert diff <= atol, (
         f"{what}: max abs diff {diff:.3g} > {atol:g} (max |ref| {np.abs(want).max():.3g})"
     )
-
-
-def _flat_state(model) -> dict[tuple, np.ndarray]:
-    return {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
-
-
-def _assert_states_equal(a, b):
-    sa, sb = _flat_state(a), _flat_state(b)
-    assert sa.keys() == sb.keys(), f"state paths differ: {sorted(set(sa) ^ set(sb))[:5]}"
-    for path in sa:
-        x, y = sa[path], sb[path]
-        assert x.dtype == y.dtype, f"{path}: dtype {x.dtype} != {y.dtype}"
-        assert np.array_equal(x, y), (
-            f"{path}: not bit-exact, max diff {np.abs(x.astype(np.float64) - y).max():.3g}"
-        )
-
-
-def _random_model(cfg: ModelConfig, seed: int) -> mimo_jax.MiMoV2Flash:
-    """A model with every parameter random, norms, sinks and router bias included.
-
-    Filled from numpy into an abstract model (as load_hf does): building eagerly compiles one
-    small XLA program per initialiser shape, which costs tens of seconds on a busy 2-core CPU.
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        kind = path[-1]
-        if kind == "scale":
-            x = 1.0 + 0.2 * rng.standard_normal(var.shape)
-        else:
-            std = {"sinks": 0.5, "bias": 0.1}.get(kind, cfg.initializer_range)
-            x = std * rng.standard_normal(var.shape)
-        var.set_value(jnp.asarray(x, var.dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _read_dir(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory (all shards)."""
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
-def _write_dir(path, tensors: dict[str, torch.Tensor], config: dict):
-    """A single-file checkpoint (no index) as transformers writes small models."""
-    os.makedirs(path)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-
-
-def _config(path) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
-
-
-def _assert_checkpoints_equal(d1, d2):
-    with open(os.path.join(d1, hf.INDEX_FILE)) as f1, open(os.path.join(d2, hf.INDEX_FILE)) as f2:
-        m1, m2 = json.load(f1)["weight_map"], json.load(f2)["weight_map"]
-    assert m1.keys() == m2.keys(), f"tensor names differ: {sorted(set(m1) ^ set(m2))[:5]}"
-    for name in m1:
-        with (
-            safe_open(os.path.join(d1, m1[name]), "numpy") as a,
-            safe_open(os.path.join(d2, m2[name]), "numpy") as b,
-        ):
-            x, y = a.get_tensor(name), b.get_tensor(name)
-        assert x.dtype == y.dtype and x.shape == y.shape, (
-            f"{name}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
-        )
-        assert np.array_equal(x, y), f"{name}: not bit-exact"
-    assert _config(d1) == _config(d2)
 
 
 def _layers(spec: str) -> tuple[list[str], list[str]]:
@@ -260,7 +192,7 @@ def test_import_matches_transformers(name, tmp_path):
 
 def test_export_loads_in_transformers(tmp_path):
     cfg = mimo_jax.tiny(num_layers=7, num_mtp_layers=1, sliding_window=6, initializer_range=0.1)
-    model = _random_model(cfg, seed=1)
+    model = random_model(cfg, seed=1)
     hf.save_hf(model, tmp_path / "ckpt")
 
     tm, info = MiMoV2FlashForCausalLM.from_pretrained(
@@ -284,8 +216,8 @@ def test_export_loads_in_transformers(tmp_path):
     with pytest.raises(ValueError, match="num_mtp_layers=0") as exc:
         hf.load_hf(str(tmp_path / "resaved"))
     assert "model.mtp.layers.0." in str(exc.value)
-    back = _flat_state(hf.load_hf(str(tmp_path / "resaved"), num_mtp_layers=0))
-    ours = {p: x for p, x in _flat_state(model).items() if p[0] != "mtp"}
+    back = flat_state(hf.load_hf(str(tmp_path / "resaved"), num_mtp_layers=0))
+    ours = {p: x for p, x in flat_state(model).items() if p[0] != "mtp"}
     assert back.keys() == ours.keys()
     for path, x in ours.items():
         assert np.array_equal(back[path], x), f"{path} changed through transformers"
@@ -315,7 +247,7 @@ MTP_SUFFIXES = [
 @pytest.mark.parametrize(("num_mtp", "count_from"), [(2, "config"), (3, "tensors")])
 def test_round_trip_bit_exact_with_mtp(num_mtp, count_from, tmp_path):
     cfg = mimo_jax.tiny(num_layers=7, num_mtp_layers=num_mtp, initializer_range=0.1)
-    m1 = _random_model(cfg, seed=num_mtp)
+    m1 = random_model(cfg, seed=num_mtp)
     d1, d2 = tmp_path / "a", tmp_path / "b"
     hf.save_hf(m1, d1)
 
@@ -329,23 +261,23 @@ def test_round_trip_bit_exact_with_mtp(num_mtp, count_from, tmp_path):
 
     if count_from == "tensors":
         # The released checkpoint does not state its MTP depth: it must be counted.
-        config = _config(d1)
+        config = read_config(d1)
         del config["num_nextn_predict_layers"]
         with open(d1 / "config.json", "w") as f:
             json.dump(config, f)
     m2 = hf.load_hf(str(d1))
     assert m2.cfg.num_mtp_layers == num_mtp
     assert m2.cfg == m1.cfg
-    _assert_states_equal(m1, m2)
+    assert_states_equal(m1, m2)
 
     hf.save_hf(m2, d2)
     if count_from == "tensors":
         # The export states the depth again; otherwise the two exports are identical.
-        config = _config(d2)
+        config = read_config(d2)
         assert config.pop("num_nextn_predict_layers") == num_mtp
         with open(d2 / "config.json", "w") as f:
             json.dump(config, f)
-    _assert_checkpoints_equal(d1, d2)
+    assert_checkpoints_equal(d1, d2)
 
     ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 11)))
     o1, o2 = _outputs(m1, ids), _outputs(m2, ids)
@@ -359,9 +291,9 @@ def test_mtp_tensors_land_under_hub_names(tmp_path):
     """Each exported MTP tensor is the parameter its hub name says (round trips cannot tell
     a consistent swap, e.g. enorm <-> hnorm, from the right mapping)."""
     cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=2)
-    model = _random_model(cfg, seed=11)
+    model = random_model(cfg, seed=11)
     hf.save_hf(model, tmp_path / "ckpt")
-    tensors = {n: t.numpy() for n, t in _read_dir(tmp_path / "ckpt").items()}
+    tensors = {n: t.numpy() for n, t in read_dir(tmp_path / "ckpt").items()}
     d = cfg.embed_dim
     for k, layer in enumerate(model.mtp):
         pre = f"model.mtp.layers.{k}"
@@ -392,7 +324,7 @@ def test_mtp_tensors_land_under_hub_names(tmp_path):
 
 def test_bf16_export_keeps_fp32_router(tmp_path):
     cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=1, param_dtype="bfloat16", dtype="bfloat16")
-    model = _random_model(cfg, seed=5)
+    model = random_model(cfg, seed=5)
     hf.save_hf(model, tmp_path / "ckpt")
     dtypes = {}
     with safe_open(tmp_path / "ckpt" / "model-00001-of-00001.safetensors", "pt") as f:
@@ -402,10 +334,10 @@ def test_bf16_export_keeps_fp32_router(tmp_path):
     assert router and all(dtypes[n] == "F32" for n in router), {n: dtypes[n] for n in router}
     others = {n: d for n, d in dtypes.items() if n not in router and d != "BF16"}
     assert not others, others
-    assert _config(tmp_path / "ckpt")["torch_dtype"] == "bfloat16"
+    assert read_config(tmp_path / "ckpt")["torch_dtype"] == "bfloat16"
     back = hf.load_hf(str(tmp_path / "ckpt"))
     assert back.cfg == cfg
-    _assert_states_equal(model, back)
+    assert_states_equal(model, back)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +346,7 @@ def test_bf16_export_keeps_fp32_router(tmp_path):
 
 def test_sharded_export(tmp_path):
     cfg = mimo_jax.tiny(num_layers=4, num_mtp_layers=1)
-    model = _random_model(cfg, seed=4)
+    model = random_model(cfg, seed=4)
     table = hf.hf_entries(model)
     total = sum(4 * int(np.prod(e.hf_shape)) for e in table.values())  # fp32
     limit = total // 6
@@ -440,7 +372,7 @@ def test_sharded_export(tmp_path):
         assert held == {n for n, v in weight_map.items() if v == fname}, fname
         assert nbytes <= max(limit, biggest), (fname, nbytes, limit)
 
-    _assert_states_equal(model, hf.load_hf(str(d)))
+    assert_states_equal(model, hf.load_hf(str(d)))
     # transformers resolves the same index.
     tm, info = MiMoV2FlashForCausalLM.from_pretrained(
         d, attn_implementation="eager", output_loading_info=True
@@ -481,10 +413,10 @@ def _dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def test_fp8_import_matches_dequantized_reference(tmp_path):
     # embed 160 and mlp 272 give 2-3 blocks per side with ragged last blocks.
     cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=1, embed_dim=160, mlp_dim=272)
-    model = _random_model(cfg, seed=6)
+    model = random_model(cfg, seed=6)
     hf.save_hf(model, tmp_path / "fp32")
-    tensors = _read_dir(tmp_path / "fp32")
-    config = _config(tmp_path / "fp32")
+    tensors = read_dir(tmp_path / "fp32")
+    config = read_config(tmp_path / "fp32")
 
     fp8, deq = {}, {}
     for name, w in tensors.items():
@@ -501,14 +433,14 @@ def test_fp8_import_matches_dequantized_reference(tmp_path):
     } <= set(quantized)
     assert not any(".mlp.gate." in n or "lm_head" in n or "embed" in n for n in quantized)
     assert fp8["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (3, 2)
-    _write_dir(tmp_path / "fp8", fp8, config)
-    _write_dir(tmp_path / "deq", deq, config)
+    write_dir(tmp_path / "fp8", fp8, config)
+    write_dir(tmp_path / "deq", deq, config)
 
     got, want = (
-        _flat_state(hf.load_hf(str(tmp_path / "fp8"))),
-        _flat_state(hf.load_hf(str(tmp_path / "deq"))),
+        flat_state(hf.load_hf(str(tmp_path / "fp8"))),
+        flat_state(hf.load_hf(str(tmp_path / "deq"))),
     )
-    orig = _flat_state(model)
+    orig = flat_state(model)
     assert got.keys() == want.keys()
     for path in want:
         a, b = got[path], want[path]
@@ -539,259 +471,3 @@ def test_dequantize_fp8_by_hand():
         assert got[r, c] == 1.5 * k, (r, c, got[r, c])
     with pytest.raises(ValueError, match="scale shape"):
         hf.dequantize_fp8(w, s[:1])
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Malformed input.
-
-
-@pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory):
-    """A valid 3-layer checkpoint with one MTP block; tests copy and corrupt it."""
-    cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=1)
-    model = _random_model(cfg, seed=7)
-    path = tmp_path_factory.mktemp("small") / "ckpt"
-    hf.save_hf(model, path)
-    return path
-
-
-Q = "model.layers.2.self_attn.q_proj.weight"
-
-
-def _fp8(t):
-    return t.to(torch.float8_e4m3fn)
-
-
-def _ones_scale(t):
-    return torch.ones(-(-t.shape[0] // 128), -(-t.shape[1] // 128))
-
-
-TENSOR_CORRUPTIONS = {
-    "missing": (lambda t: t.pop(Q), Q),
-    "extra": (
-        lambda t: t.__setitem__("model.layers.1.mlp.experts.99.up_proj.weight", torch.zeros(3)),
-        "model.layers.1.mlp.experts.99.up_proj.weight",
-    ),
-    "misshaped": (
-        lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.weight", torch.zeros(47, 64)),
-        "model.layers.1.self_attn.k_proj.weight",
-    ),
-    "int32": (
-        lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].int()),
-        "model.norm.weight",
-    ),
-    "fp8_without_scale": (lambda t: t.__setitem__(Q, _fp8(t[Q])), Q),
-    "fp8_never_quantized": (
-        lambda t: t.update(
-            {
-                "lm_head.weight": _fp8(t["lm_head.weight"]),
-                "lm_head.weight_scale_inv": torch.ones(2, 1),
-            }
-        ),
-        "lm_head.weight",
-    ),
-    "fp8_bad_scale_shape": (
-        lambda t: t.update({Q: _fp8(t[Q]), Q + "_scale_inv": torch.ones(2, 1)}),
-        Q + "_scale_inv",
-    ),
-    "fp8_scale_not_f32": (
-        lambda t: t.update({Q: _fp8(t[Q]), Q + "_scale_inv": _ones_scale(t[Q]).bfloat16()}),
-        Q + "_scale_inv",
-    ),
-    "scale_on_unquantized": (lambda t: t.update({Q + "_scale_inv": _ones_scale(t[Q])}), Q),
-    "orphan_scale": (
-        lambda t: t.update({"model.layers.9.self_attn.q_proj.weight_scale_inv": torch.ones(1, 1)}),
-        "model.layers.9.self_attn.q_proj.weight_scale_inv",
-    ),
-}
-
-
-@pytest.mark.parametrize("kind", list(TENSOR_CORRUPTIONS))
-def test_bad_tensor_is_named(kind, small_ckpt, tmp_path):
-    corrupt, culprit = TENSOR_CORRUPTIONS[kind]
-    tensors = _read_dir(small_ckpt)
-    corrupt(tensors)
-    _write_dir(tmp_path / "bad", tensors, _config(small_ckpt))
-    with pytest.raises(ValueError) as exc:
-        hf.load_hf(str(tmp_path / "bad"))
-    assert culprit in str(exc.value), str(exc.value)
-
-
-def _hub_layers(config):
-    config.pop("layer_types"), config.pop("mlp_layer_types")
-    config["hybrid_layer_pattern"] = [0, 1, 2]
-    config["sliding_window_size"] = config.pop("sliding_window") - 1
-
-
-CONFIG_CORRUPTIONS = {
-    "layer_types_length": (
-        lambda c: c.__setitem__("layer_types", c["layer_types"][:2]),
-        "layer_types",
-    ),
-    "mlp_layer_types_entry": (
-        lambda c: c.__setitem__("mlp_layer_types", ["dense", "moe", "sparse"]),
-        "mlp_layer_types",
-    ),
-    "hybrid_layer_pattern_2": (_hub_layers, "hybrid_layer_pattern"),
-    # Claims two MTP blocks; the checkpoint has one.
-    "mtp_count": (
-        lambda c: c.__setitem__("num_nextn_predict_layers", 2),
-        "model.mtp.layers.1.",
-    ),
-}
-
-
-@pytest.mark.parametrize("kind", list(CONFIG_CORRUPTIONS))
-def test_bad_config_is_named(kind, small_ckpt, tmp_path):
-    corrupt, culprit = CONFIG_CORRUPTIONS[kind]
-    shutil.copytree(small_ckpt, tmp_path / "bad")
-    config = _config(small_ckpt)
-    corrupt(config)
-    with open(tmp_path / "bad" / "config.json", "w") as f:
-        json.dump(config, f)
-    with pytest.raises(ValueError) as exc:
-        hf.load_hf(str(tmp_path / "bad"))
-    assert culprit in str(exc.value), str(exc.value)
-
-
-def test_mtp_numbering_gap_is_rejected(small_ckpt, tmp_path):
-    tensors = _read_dir(small_ckpt)
-    tensors = {
-        n.replace("model.mtp.layers.0.", "model.mtp.layers.1."): t for n, t in tensors.items()
-    }
-    config = _config(small_ckpt)
-    del config["num_nextn_predict_layers"]
-    _write_dir(tmp_path / "bad", tensors, config)
-    with pytest.raises(ValueError, match="MTP layers"):
-        hf.load_hf(str(tmp_path / "bad"))
-
-
-def test_save_refuses_existing_dir_and_overwrites_on_request(small_ckpt, tmp_path):
-    model = _random_model(mimo_jax.tiny(num_layers=3, num_mtp_layers=1), seed=8)
-    target = tmp_path / "ckpt"
-    shutil.copytree(small_ckpt, target)
-    before = _read_dir(target)
-    with pytest.raises(FileExistsError, match="ckpt"):
-        hf.save_hf(model, target)
-    after = _read_dir(target)
-    assert all(torch.equal(before[n], after[n]) for n in before), "refused save touched the dir"
-
-    hf.save_hf(model, target, overwrite=True)
-    _assert_states_equal(model, hf.load_hf(str(target)))
-    assert os.listdir(tmp_path) == ["ckpt"], os.listdir(tmp_path)
-    # A plain mkdir's permissions, not mkdtemp's private 0700.
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(target).st_mode & 0o777 == 0o777 & ~umask
-
-
-@pytest.mark.parametrize("existing", [False, True])
-def test_failed_export_leaves_nothing_behind(existing, small_ckpt, tmp_path, monkeypatch):
-    model = _random_model(mimo_jax.tiny(num_layers=3, num_mtp_layers=1), seed=9)
-    parent = tmp_path / "parent"
-    parent.mkdir()
-    target = parent / "ckpt"
-    if existing:
-        shutil.copytree(small_ckpt, target)
-    real_save, calls = hf.save_file, []
-
-    def failing_save(tensors, filename, **kw):
-        calls.append(filename)
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        real_save(tensors, filename, **kw)
-
-    monkeypatch.setattr(hf, "save_file", failing_save)
-    with pytest.raises(OSError, match="simulated"):
-        hf.save_hf(model, target, max_shard_bytes=50_000, overwrite=existing)
-    assert len(calls) == 2, calls
-    if existing:
-        assert os.listdir(parent) == ["ckpt"], os.listdir(parent)
-        _assert_checkpoints_equal(small_ckpt, target)
-    else:
-        assert os.listdir(parent) == [], os.listdir(parent)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. The hub config.json dialect.
-
-
-def _hub_config(n: int, window: int) -> dict:
-    """A hub-style (remote-code) config.json for a tiny model: reference section 1.1 keys."""
-    return {
-        "architectures": ["MiMoV2FlashForCausalLM"],
-        "model_type": "mimo_v2_flash",
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "num_hidden_layers": n,
-        "intermediate_size": 160,
-        "moe_intermediate_size": 48,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "head_dim": 24,
-        "v_head_dim": 16,
-        "swa_num_attention_heads": 4,
-        "swa_num_key_value_heads": 2,
-        "swa_head_dim": 24,
-        "swa_v_head_dim": 16,
-        "rope_theta": 5_000_000,
-        "swa_rope_theta": 10_000,
-        "partial_rotary_factor": 0.334,
-        "rope_scaling": None,
-        # The hub counts previous tokens only; all three keys carry the same number.
-        "sliding_window": window - 1,
-        "sliding_window_size": window - 1,
-        "attention_chunk_size": window - 1,
-        "hybrid_layer_pattern": [0 if i == 0 or (i + 1) % 6 == 0 else 1 for i in range(n)],
-        "hybrid_block_size": None,
-        "add_swa_attention_sink_bias": True,
-        "add_full_attention_sink_bias": False,
-        "attention_value_scale": 0.707,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "moe_layer_freq": [0] + [1] * (n - 1),
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_shared_experts": None,
-        "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc",
-        "n_group": 1,
-        "topk_group": 1,
-        "norm_topk_prob": True,
-        "routed_scaling_factor": None,
-        "hidden_act": "silu",
-        "layernorm_epsilon": 1e-5,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-        "torch_dtype": "float32",
-    }
-
-
-def test_hub_config_dialect():
-    cfg = ModelConfig.from_hf(_hub_config(13, window=129))
-    assert cfg.sliding_window == 129
-    assert cfg.layer_types == tuple(FULL if i in (0, 5, 11) else SLIDING for i in range(13)), (
-        cfg.layer_types
-    )
-    assert cfg.mlp_layer_types == (DENSE,) + (SPARSE,) * 12
-    assert (cfg.num_kv_heads, cfg.swa_num_kv_heads) == (1, 2)
-    assert (cfg.rope_theta, cfg.swa_rope_theta) == (5e6, 1e4)
-    assert (cfg.swa_attention_sink, cfg.full_attention_sink) == (True, False)
-    assert cfg.attention_value_scale == 0.707
-    assert cfg.rms_norm_eps == 1e-5
-    assert cfg.routed_scaling_factor == 1.0
-    assert cfg.num_mtp_layers == 0  # not stated: load_hf counts the tensors
-    assert cfg.rotary_dim == 8
-
-
-def test_load_with_hub_config_json(tmp_path):
-    """A checkpoint whose config.json is in the hub dialect loads into the same model."""
-    cfg = mimo_jax.tiny(num_layers=7, num_mtp_layers=1, sliding_window=129)
-    model = _random_model(cfg, seed=10)
-    hf.save_hf(model, tmp_path / "ckpt")
-    with open(tmp_path / "ckpt" / "config.json", "w") as f:
-        json.dump(_hub_config(7, window=129), f)
-    back = hf.load_hf(str(tmp_path / "ckpt"))
-    assert back.cfg == cfg, (back.cfg, cfg)
-    _assert_states_equal(model, back)
