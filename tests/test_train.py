@@ -163,6 +163,25 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(two_step_run, tmp_pa
     assert {p: pathlib.Path(p).read_bytes() for p in damaged} == snapshot
 
 
+def test_partial_checkpoints(two_step_run, tmp_path):
+    """A save killed before it finished (orbax's unfinalized temp directory) is ignored: the run
+    resumes from the last whole checkpoint. A step missing an item is a clear error, left alone."""
+    wd = shutil.copytree(two_step_run, str(tmp_path / "killed_save"))
+    stale = os.path.join(wd, "checkpoints", "4.orbax-checkpoint-tmp", "model")
+    os.makedirs(stale)
+    pathlib.Path(stale, "half_written").write_bytes(b"\0" * 10)
+    train.train_and_evaluate(_config(steps=4, checkpoint_every=2, eval_every=2), wd)
+    assert [m["step"] for m in _metrics(wd)] == [1, 2, 3, 4]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
+
+    wd = shutil.copytree(two_step_run, str(tmp_path / "no_opt"))
+    shutil.rmtree(os.path.join(wd, "checkpoints", "2", "opt"))
+    before = sorted(os.listdir(os.path.join(wd, "checkpoints", "2")))
+    with pytest.raises(ValueError, match=r"checkpoint step 2 .* unreadable.*opt"):
+        train.train_and_evaluate(_config(steps=4), wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints", "2"))) == before
+
+
 def test_remat_and_chunked_loss_give_the_same_loss_and_gradients():
     """Remat and the chunked cross-entropy (chunk 7 of 32 positions: a padded tail) change
     memory only: loss and every gradient equal the plain computation's."""
