@@ -57,6 +57,9 @@ def test_cli_errors(tmp_path):
     assert r.returncode != 0 and "--hf_dir" in r.stderr
     r = _main("--mode=train_everything", f"--workdir={tmp_path / 'w'}")
     assert r.returncode != 0 and "--mode" in r.stderr
+    r = _main("--no_such_flag=1", f"--workdir={tmp_path / 'w'}")
+    assert r.returncode != 0 and "no_such_flag" in r.stderr
+    assert not os.path.exists(tmp_path / "w")
     r = _main("--mode=export_hf", f"--workdir={tmp_path / 'nothing'}", f"--hf_dir={tmp_path}/o")
     assert r.returncode != 0 and "model_config.json" in r.stderr
     assert not os.path.exists(tmp_path / "o")
