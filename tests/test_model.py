@@ -10,18 +10,25 @@ from flax import nnx
 
 import mimo_jax
 from mimo_jax import hf
+from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE
 
 
 @pytest.fixture(scope="module")
 def scanned_and_unrolled(tmp_path_factory):
-    cfg = mimo_jax.tiny(num_mtp_layers=2)
+    # Dense global layer 0, then the period (SWA, global, SWA) of MoE layers twice: both layer
+    # types inside the scanned period, in 7 layers (the 13-layer tiny() compiles twice as long).
+    types = (FULL, SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING)
+    cfg = mimo_jax.tiny(
+        num_layers=7, layer_types=types, mlp_layer_types=(DENSE,) + (SPARSE,) * 6, num_mtp_layers=2
+    )
     model = mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0))
     for m in model.scanned:  # non-zero correction bias so routing differs from plain top-k
         m.mlp.router.bias.set_value(jax.random.normal(jax.random.key(1), m.mlp.router.bias.shape))
     path = os.path.join(tmp_path_factory.mktemp("ckpt"), "m")
     hf.save_hf(model, path)
     unrolled = hf.load_hf(path, scan_layers=False)
-    assert mimo_jax.layer_plan(model.cfg).repeats == 2
+    plan = mimo_jax.layer_plan(model.cfg)
+    assert (plan.start, plan.period, plan.repeats) == (1, 3, 2), plan
     assert len(unrolled.scanned) == 0 and len(unrolled.layers) == cfg.num_layers
     return model, unrolled
 
