@@ -83,9 +83,17 @@ def test_evaluate_spread_windows_and_whole_split():
     windows = [val[16 * w : 16 * w + 17] for w in (0, 3, 6, 9)]
     spread = np.mean([float(step(state, np.stack(windows[i : i + 2]))["ce"]) for i in (0, 2)])
     assert val_loss(2) == pytest.approx(spread, rel=1e-5)
-    # The training loop passes one prebuilt step to every evaluation (no recompiling).
-    reused = train.evaluate(model, val, c.train, 1.0, eval_step=step)["val_loss"]
+    # The training loop passes one prebuilt step to every evaluation (no recompiling): evaluate
+    # must run the step it is given, once per batch.
+    calls = []
+
+    def counted(state, batch):
+        calls.append(batch.shape)
+        return step(state, batch)
+
+    reused = train.evaluate(model, val, c.train, 1.0, eval_step=counted)["val_loss"]
     assert reused == pytest.approx(spread, rel=1e-5)
+    assert calls == [(2, 17), (2, 17)]
     with pytest.raises(ValueError, match=r"config.train.eval_batches=-1 must be >= 0"):
         val_loss(-1)
 
