@@ -47,8 +47,9 @@ from jax.sharding import NamedSharding  # noqa: E402
 import mimo_jax  # noqa: E402
 from configs import mimo_v2_flash as production  # noqa: E402
 from configs.base import base_config  # noqa: E402
+from mimo_jax import axes as ax  # noqa: E402
+from mimo_jax import layout, train  # noqa: E402
 from mimo_jax import sharding as sh  # noqa: E402
-from mimo_jax import train  # noqa: E402
 from mimo_jax.model import MiMoV2Flash  # noqa: E402
 
 GiB = 2**30
@@ -71,7 +72,9 @@ QUICK_MESHES = {p: (1, -1, 2, 2) if p in ("tp_ep", "decode") else (1, -1, 4, 1) 
 def _cache_bytes_per_device(cache, specs, mesh) -> int:
     """Bytes of the KV cache pytree each device holds under its PartitionSpecs."""
     leaves = zip(jax.tree.leaves(cache), jax.tree.leaves(specs), strict=True)
-    return sum(math.prod(sh.shard_shape(x.shape, p, mesh)) * x.dtype.itemsize for x, p in leaves)
+    return sum(
+        math.prod(layout.shard_shape(x.shape, p, mesh)) * x.dtype.itemsize for x, p in leaves
+    )
 
 
 def _with_shardings(tree, shardings):
@@ -85,8 +88,8 @@ def _cache_specs(cache):
 
     def spec(path, x):
         lead = (None,) * (x.ndim - (2 if path[-1].name == "pos" else 4))  # scanned: repeats axis
-        axes = (sh.BATCH, None) if path[-1].name == "pos" else (sh.BATCH, None, sh.KV_HEADS, None)
-        return sh.logical_to_spec(lead + axes)
+        axes = (ax.BATCH, None) if path[-1].name == "pos" else (ax.BATCH, None, ax.KV_HEADS, None)
+        return ax.logical_to_spec(lead + axes)
 
     return jax.tree_util.tree_map_with_path(spec, cache)
 
@@ -127,8 +130,8 @@ def plan(cfg, tc, preset: str, mesh_shape, *, batch: int, seq_len: int, decode_b
         graphdef, state = nnx.split((model, opt))
         specs = sh.param_specs(state)
         shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
-        out["params"] = sh.param_bytes_per_device(model, mesh)
-        out["optimizer"] = sh.param_bytes_per_device(opt.opt_state, mesh)
+        out["params"] = layout.param_bytes_per_device(model, mesh)
+        out["optimizer"] = layout.param_bytes_per_device(opt.opt_state, mesh)
 
         t0 = time.perf_counter()
         step = train.make_train_step(graphdef, cfg, tc, shardings)
@@ -213,7 +216,7 @@ def main(argv=None) -> list[dict]:
         mesh_shape = meshes[preset]
         mesh = sh.make_mesh(mesh_shape)
         with sh.use_mesh(mesh, preset):
-            shards = math.prod(mesh.shape[a] for a in sh.mesh_axes(sh.BATCH))
+            shards = math.prod(mesh.shape[a] for a in ax.mesh_axes(ax.BATCH))
         row = plan(cfg, tc, preset, mesh_shape, batch=args.batch or shards, seq_len=args.seq_len,
                    decode_batch=args.decode_batch or shards, context=args.context)  # fmt: skip
         rows.append(row)

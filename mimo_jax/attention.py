@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from mimo_jax import sharding as sh
+from mimo_jax import axes as ax
 from mimo_jax.cache import KVCache
 from mimo_jax.config import SLIDING, ModelConfig
 from mimo_jax.layers import Linear, apply_rope
@@ -50,16 +50,16 @@ class Attention(nnx.Module):
             param_dtype=jnp.dtype(cfg.param_dtype),
             rngs=rngs,
         )
-        self.q_proj = Linear(d, (n, h), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), **kw)
-        self.k_proj = Linear(d, (k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), **kw)
-        self.v_proj = Linear(d, (k, p), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), **kw)
-        self.o_proj = Linear((n, p), d, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), **kw)
+        self.q_proj = Linear(d, (n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), **kw)
+        self.k_proj = Linear(d, (k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), **kw)
+        self.v_proj = Linear(d, (k, p), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), **kw)
+        self.o_proj = Linear((n, p), d, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), **kw)
         has_sink = cfg.swa_attention_sink if self.is_sliding else cfg.full_attention_sink
         if has_sink:
             init = jax.nn.initializers.normal(cfg.initializer_range)
             self.sinks = nnx.Param(
                 init(rngs.params(), (n,), jnp.dtype(cfg.param_dtype)),
-                out_sharding=(sh.HEADS,),
+                out_sharding=(ax.HEADS,),
                 eager_sharding=False,
             )
         else:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mimo_jax import sharding as sh
+from mimo_jax import axes as ax
 
 
 @struct.dataclass
@@ -39,11 +39,11 @@ class KVCache:
 
     def constrained(self) -> "KVCache":
         """The cache in the layout of the active rule preset (batch and kv heads sharded)."""
-        kv = (sh.BATCH, None, sh.KV_HEADS, None)
+        kv = (ax.BATCH, None, ax.KV_HEADS, None)
         return KVCache(
-            sh.constrain(self.k, kv),
-            sh.constrain(self.v, kv),
-            sh.constrain(self.pos, (sh.BATCH, None)),
+            ax.constrain(self.k, kv),
+            ax.constrain(self.v, kv),
+            ax.constrain(self.pos, (ax.BATCH, None)),
         )
 
     @classmethod

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax import sharding as sh
+from mimo_jax import axes as ax
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -84,8 +84,8 @@ def expert_parallel_moe(
         )
     n, d = x.shape
     e = wi_gate.shape[0]
-    tok_axes = sh.mesh_axes(sh.BATCH)
-    ex_axes = sh.mesh_axes(sh.EXPERT)
+    tok_axes = ax.mesh_axes(ax.BATCH)
+    ex_axes = ax.mesh_axes(ax.EXPERT)
     shards = math.prod(mesh.shape[a] for a in ex_axes)
     if e % shards:
         raise ValueError(

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import sharding as sh
+from mimo_jax import axes as ax
 
 
 def _as_tuple(x: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -66,7 +66,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype):
         self.scale = nnx.Param(
-            jnp.ones((dim,), param_dtype), out_sharding=(sh.NORM,), eager_sharding=False
+            jnp.ones((dim,), param_dtype), out_sharding=(ax.NORM,), eager_sharding=False
         )
         self.eps = eps
 
@@ -84,7 +84,7 @@ class Embedder(nnx.Module):
         init = jax.nn.initializers.normal(std)
         self.embedding = nnx.Param(
             init(rngs.params(), (vocab, dim), param_dtype),
-            out_sharding=(sh.VOCAB, sh.EMBED),
+            out_sharding=(ax.VOCAB, ax.EMBED),
             eager_sharding=False,
         )
         self.dtype = dtype
@@ -93,7 +93,7 @@ class Embedder(nnx.Module):
         # FSDP: gather the table's embed dim before the lookup. Left split, the gathered rows
         # would come out split on D and the batch-sharded layout that follows could only be
         # reached by replicating the whole activation (XLA "involuntary full rematerialization").
-        table = sh.constrain(self.embedding[...], (sh.VOCAB, None))  # [V, D]
+        table = ax.constrain(self.embedding[...], (ax.VOCAB, None))  # [V, D]
         return jnp.take(table, ids, axis=0).astype(self.dtype)  # [B, T, D]
 
 
@@ -102,9 +102,9 @@ class MLP(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(dim, hidden, (sh.EMBED, sh.MLP), **kw)
-        self.up_proj = Linear(dim, hidden, (sh.EMBED, sh.MLP), **kw)
-        self.down_proj = Linear(hidden, dim, (sh.MLP, sh.EMBED), **kw)
+        self.gate_proj = Linear(dim, hidden, (ax.EMBED, ax.MLP), **kw)
+        self.up_proj = Linear(dim, hidden, (ax.EMBED, ax.MLP), **kw)
+        self.down_proj = Linear(hidden, dim, (ax.MLP, ax.EMBED), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, D]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import sharding as sh
+from mimo_jax import axes as ax
 from mimo_jax.attention import Attention
 from mimo_jax.cache import KVCache
 from mimo_jax.config import DENSE, ModelConfig
@@ -143,7 +143,7 @@ class DecoderLayer(nnx.Module):
                 "dropped_fraction": jnp.zeros((), jnp.float32),
             }
         # Block boundary: the activation layout the rule preset names (batch-sharded).
-        return sh.constrain(h + y, (sh.BATCH, None, None)), aux, cache
+        return ax.constrain(h + y, (ax.BATCH, None, None)), aux, cache
 
 
 def _run_layer(graphdef, state, h, positions, routing, cache, lengths, remat: bool):
@@ -185,7 +185,7 @@ class MiMoV2Flash(nnx.Module):
         )
         self.norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.lm_head = Linear(
-            cfg.embed_dim, cfg.vocab_size, (sh.EMBED, sh.VOCAB), std=std, dtype=dt,
+            cfg.embed_dim, cfg.vocab_size, (ax.EMBED, ax.VOCAB), std=std, dtype=dt,
             param_dtype=pd, rngs=rngs,
         )  # fmt: skip
         self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs) for _ in range(cfg.num_mtp_layers)])
@@ -321,7 +321,7 @@ class MiMoV2Flash(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        h = sh.constrain(self.embed_tokens(input_ids), (sh.BATCH, None, None))  # [B, T, D]
+        h = ax.constrain(self.embed_tokens(input_ids), (ax.BATCH, None, None))  # [B, T, D]
         h, aux, _ = self.decoder(h, positions, routing)
         hidden = self.norm(h)
         mtp_logits, mtp_hidden = [], []
@@ -355,7 +355,7 @@ def _stacked_layer(
     """``repeats`` independent DecoderLayers stacked along a leading ``layers`` axis."""
 
     @nnx.split_rngs(splits=repeats)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sh.LAYERS})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
     def make(rngs):
         return DecoderLayer(cfg, layer_type, mlp_type, rngs=rngs)
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import sharding as sh
+from mimo_jax import axes as ax
 from mimo_jax.config import ModelConfig
 from mimo_jax.expert_parallel import expert_parallel_moe
 
@@ -41,7 +41,7 @@ class Router(nnx.Module):
         # fp32 regardless of param_dtype: bf16 routing mis-ranks experts (reference 2.6).
         self.kernel = nnx.Param(
             init(rngs.params(), (cfg.embed_dim, cfg.num_experts), jnp.float32),
-            out_sharding=(sh.EMBED, None),
+            out_sharding=(ax.EMBED, None),
             eager_sharding=False,
         )
         self.bias = ExpertBias(
@@ -103,17 +103,17 @@ class MoE(nnx.Module):
         self.router = Router(cfg, rngs=rngs)
         self.wi_gate = nnx.Param(
             init(rngs.params(), (e, d, m), pd),
-            out_sharding=(sh.EXPERT, sh.EXPERT_EMBED, sh.MOE_MLP),
+            out_sharding=(ax.EXPERT, ax.EXPERT_EMBED, ax.MOE_MLP),
             eager_sharding=False,
         )
         self.wi_up = nnx.Param(
             init(rngs.params(), (e, d, m), pd),
-            out_sharding=(sh.EXPERT, sh.EXPERT_EMBED, sh.MOE_MLP),
+            out_sharding=(ax.EXPERT, ax.EXPERT_EMBED, ax.MOE_MLP),
             eager_sharding=False,
         )
         self.wo = nnx.Param(
             init(rngs.params(), (e, m, d), pd),
-            out_sharding=(sh.EXPERT, sh.MOE_MLP, sh.EXPERT_EMBED),
+            out_sharding=(ax.EXPERT, ax.MOE_MLP, ax.EXPERT_EMBED),
             eager_sharding=False,
         )
         self.cfg = cfg

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax import sharding as sh
+from mimo_jax import axes as ax
 from mimo_jax.attention import Attention
 from mimo_jax.cache import KVCache
 from mimo_jax.config import SLIDING, ModelConfig
@@ -29,7 +29,7 @@ class MTPLayer(nnx.Module):
         kw = dict(std=cfg.initializer_range, dtype=jnp.dtype(cfg.dtype), param_dtype=pd, rngs=rngs)
         self.enorm = RMSNorm(d, **norm)
         self.hnorm = RMSNorm(d, **norm)
-        self.eh_proj = Linear(2 * d, d, (sh.MLP, sh.EMBED), **kw)
+        self.eh_proj = Linear(2 * d, d, (ax.MLP, ax.EMBED), **kw)
         self.input_layernorm = RMSNorm(d, **norm)
         self.self_attn = Attention(cfg, SLIDING, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(d, **norm)

@@ -21,6 +21,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from mimo_jax import axes as ax
 from mimo_jax import checkpoint, data
 from mimo_jax import sharding as sh
 from mimo_jax.config import SPARSE, ModelConfig, from_config_dict
@@ -336,12 +337,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bpt = data.bytes_per_token(splits.validation[:100_000], tokenizer)
     mesh = sh.make_mesh(config.mesh.shape)
     with sh.use_mesh(mesh, config.mesh.rules):
-        shards = math.prod(mesh.shape[a] for a in sh.mesh_axes(sh.BATCH))
+        shards = math.prod(mesh.shape[a] for a in ax.mesh_axes(ax.BATCH))
         if tc.batch_size % shards:
             raise ValueError(
                 f"config.train.batch_size={tc.batch_size} must be divisible by the batch shards "
                 f"of config.mesh.shape={tuple(config.mesh.shape)} with rules "
-                f"{config.mesh.rules!r} ({sh.mesh_axes(sh.BATCH)}: {shards} shards)"
+                f"{config.mesh.rules!r} ({ax.mesh_axes(ax.BATCH)}: {shards} shards)"
             )
         return _train(config, workdir, cfg, tokenizer, splits, bpt)
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 import mimo_jax
 from configs.base import base_config
+from mimo_jax import axes as ax
 from mimo_jax import sharding as sh
 from mimo_jax import train
 from mimo_jax.model import MiMoV2Flash
@@ -311,7 +312,7 @@ def test_make_mesh_fills_and_refuses():
     with pytest.raises(ValueError, match="unknown sharding preset 'zero3'"):
         sh.rules_for("zero3")
     with pytest.raises(ValueError, match="unknown mesh axes"):
-        sh.rules_for({sh.EMBED: "model"})
+        sh.rules_for({ax.EMBED: "model"})
 
 
 @pytest.mark.parametrize(
