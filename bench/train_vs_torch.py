@@ -2,7 +2,7 @@
 
 Both sides train the model of ``configs/tiny.py`` with MTP off (``num_mtp_layers=0``):
 transformers' MiMoV2FlashForCausalLM has no MTP head, so ours runs without one too. The model is
-built in transformers from ``cfg.to_hf()`` (eager attention, fp32), given random sinks and
+built in transformers from ``config_to_hf(cfg)`` (eager attention, fp32), given random sinks and
 expert correction biases, and converted to ours through ``save_pretrained`` + ``hf.load_hf``, so
 both start from identical weights and see the same batch of random bytes.
 
@@ -44,6 +44,7 @@ from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 from configs import tiny
 from mimo_jax import train
 from mimo_jax.config import DENSE, FULL, ModelConfig
+from mimo_jax.hf_config import config_to_hf
 from mimo_jax.model import MiMoV2Flash
 from mimo_jax.moe import grouped_matmul_impl
 
@@ -78,7 +79,7 @@ def parse_args() -> argparse.Namespace:
 
 def torch_model(cfg: ModelConfig, experts_impl: str | None) -> MiMoV2FlashForCausalLM:
     """transformers' model of ``cfg`` (fp32, eager attention), random init plus sinks/bias."""
-    d = cfg.to_hf()
+    d = config_to_hf(cfg)
     # Not MiMoV2FlashConfig arguments: the class is chosen here, and transformers has no MTP.
     d.pop("architectures")
     d.pop("num_nextn_predict_layers")

@@ -8,10 +8,13 @@ dim, F dense FFN dim, E experts, M expert FFN dim, V vocab, L layers, W window.
 from mimo_jax.config import ModelConfig, mimo_v2_flash, tiny
 from mimo_jax.generate import GenerateResult, generate
 from mimo_jax.hf import load_hf, save_hf
+from mimo_jax.hf_config import config_from_hf, config_to_hf
 from mimo_jax.model import MiMoV2Flash, ModelOutput, layer_plan
 
 __all__ = [
     "GenerateResult",
+    "config_from_hf",
+    "config_to_hf",
     "generate",
     "MiMoV2Flash",
     "ModelConfig",

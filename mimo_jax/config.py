@@ -1,13 +1,14 @@
-"""ModelConfig: every architectural number of MiMo-V2-Flash, validated, with HF conversion.
+"""ModelConfig: every architectural number of MiMo-V2-Flash, validated; presets.
 
-``ModelConfig.from_hf`` reads both dialects of ``config.json``: the hub's remote-code keys
-(``hybrid_layer_pattern``, ``moe_layer_freq``, ``swa_*``, ``sliding_window_size``, ...) and the
-transformers-native keys (``layer_types``, ``mlp_layer_types``, ``rope_parameters``, ...).
-``to_hf`` writes the transformers-native form, which ``MiMoV2FlashConfig`` loads directly.
+The defaults are the released model. Its hybrid layer pattern (``layer_pattern``: layer 0 and
+every 6th layer global, the rest sliding-window; layer 0's FFN dense, the rest MoE) is written
+here once, and so are its other numbers (the ``ModelConfig`` field defaults): the HF
+``config.json`` reader (``mimo_jax.hf_config``) and the configs in ``configs/`` take them from
+here.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 FULL = "full_attention"
@@ -19,10 +20,38 @@ ATTENTION_IMPLS = ("xla", "pallas")
 MOE_IMPLS = ("dense", "ragged", "expert_parallel")
 DTYPES = ("float32", "bfloat16", "float16")
 
+# The released model: layer i attends globally when i == 0 or (i + 1) % GLOBAL_EVERY == 0
+# (MiMo-V2-Flash technical report, section 2), and its first layer has a dense FFN.
+GLOBAL_EVERY = 6
+NUM_DENSE_LAYERS = 1
+
+
+def layer_pattern(
+    num_layers: int, global_every: int = GLOBAL_EVERY, num_dense_layers: int = NUM_DENSE_LAYERS
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The hybrid layer pattern: which layers attend globally and which have a dense FFN.
+
+    Args:
+      num_layers: decoder layers.
+      global_every: layer i is global when i == 0 or (i + 1) % global_every == 0; others SWA.
+      num_dense_layers: leading layers with a dense SwiGLU FFN; the rest are MoE.
+
+    Returns:
+      (layer_types, mlp_layer_types), one entry per layer each.
+    """
+    layer_types = tuple(
+        FULL if (i == 0 or (i + 1) % global_every == 0) else SLIDING for i in range(num_layers)
+    )
+    mlp_layer_types = (DENSE,) * num_dense_layers + (SPARSE,) * (num_layers - num_dense_layers)
+    return layer_types, mlp_layer_types
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of a MiMo-V2-Flash model (the defaults are the released 309B model).
+
+    ``mimo_jax.hf_config`` converts it from and to HF ``config.json``; the hub key of a field,
+    where its name differs, is given in parentheses.
 
     Attributes:
       vocab_size: vocabulary size V (hub ``vocab_size``).
@@ -82,10 +111,8 @@ class ModelConfig:
     swa_num_kv_heads: int = 8
     head_dim: int = 192
     v_head_dim: int = 128
-    layer_types: tuple[str, ...] = tuple(
-        FULL if (i == 0 or (i + 1) % 6 == 0) else SLIDING for i in range(48)
-    )
-    mlp_layer_types: tuple[str, ...] = (DENSE,) + (SPARSE,) * 47
+    layer_types: tuple[str, ...] = layer_pattern(48)[0]
+    mlp_layer_types: tuple[str, ...] = layer_pattern(48)[1]
     sliding_window: int = 129
     rope_theta: float = 5_000_000.0
     swa_rope_theta: float = 10_000.0
@@ -216,243 +243,6 @@ class ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    # ----------------------------------------------------------------------------------------
-    # HF conversion.
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
-        """Builds a config from an HF ``config.json`` dict (hub or transformers-native keys).
-
-        Args:
-          hf: the parsed config.json.
-          **overrides: ModelConfig fields to set on top (e.g. dtype, moe_impl).
-
-        Returns:
-          The validated ModelConfig. ``num_mtp_layers`` is 0 when the dict does not state it
-          (``load_hf`` then counts the MTP tensors in the checkpoint).
-        """
-        hf = dict(hf)
-        n = _get(hf, "num_hidden_layers", int)
-        kw: dict[str, Any] = {}
-        kw["vocab_size"] = _get(hf, "vocab_size", int)
-        kw["embed_dim"] = _get(hf, "hidden_size", int)
-        kw["mlp_dim"] = _get(hf, "intermediate_size", int)
-        kw["moe_mlp_dim"] = _get(hf, "moe_intermediate_size", int)
-        kw["num_heads"] = _get(hf, "num_attention_heads", int)
-        kw["num_kv_heads"] = _get(hf, "num_key_value_heads", int)
-        kw["head_dim"] = _get(hf, "head_dim", int)
-        kw["v_head_dim"] = _get(hf, "v_head_dim", int)
-        kw["num_experts"] = _get(hf, "n_routed_experts", int)
-        kw["num_experts_per_tok"] = _get(hf, "num_experts_per_tok", int)
-        kw["num_expert_groups"] = hf.get("n_group") or 1
-        kw["topk_groups"] = hf.get("topk_group") or 1
-        kw["norm_topk_prob"] = bool(hf.get("norm_topk_prob", True))
-        rsf = hf.get("routed_scaling_factor")
-        kw["routed_scaling_factor"] = 1.0 if rsf is None else float(rsf)
-        vs = hf.get("attention_value_scale")
-        kw["attention_value_scale"] = 1.0 if vs is None else float(vs)
-        kw["rms_norm_eps"] = float(hf.get("rms_norm_eps", hf.get("layernorm_epsilon", 1e-5)))
-        kw["max_position_embeddings"] = int(hf.get("max_position_embeddings", 262144))
-        kw["initializer_range"] = float(hf.get("initializer_range", 0.02))
-        for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            tok = hf.get(f)
-            # Several eos ids are legal in HF; generation stops on the first listed.
-            kw[f] = tok[0] if isinstance(tok, list) and tok else tok
-        if hf.get("tie_word_embeddings", False):
-            raise ValueError("config.json: tie_word_embeddings=true is not MiMo-V2-Flash (untied)")
-        if hf.get("n_shared_experts"):
-            raise ValueError(
-                f"config.json: n_shared_experts={hf['n_shared_experts']}: MiMo-V2-Flash has none"
-            )
-        scoring = hf.get("scoring_func", "sigmoid")
-        if scoring != "sigmoid":
-            raise ValueError(f"config.json: scoring_func={scoring!r}; only 'sigmoid' is supported")
-        if hf.get("num_nextn_predict_layers") is not None:
-            kw["num_mtp_layers"] = int(hf["num_nextn_predict_layers"])
-        else:
-            kw["num_mtp_layers"] = 0
-
-        hub = any(
-            k in hf for k in ("hybrid_layer_pattern", "sliding_window_size", "swa_rope_theta")
-        )
-        if hub:
-            kw.update(_from_hub_keys(hf, n, kw))
-        else:
-            kw.update(_from_native_keys(hf, n, kw))
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The transformers-native ``config.json`` dict for this model.
-
-        Raises:
-          ValueError: if the model cannot be expressed in transformers' MiMoV2FlashConfig
-            (which fixes SWA kv heads at 2 * num_kv_heads and sinks on SWA layers only).
-        """
-        if self.swa_num_kv_heads != 2 * self.num_kv_heads:
-            raise ValueError(
-                f"swa_num_kv_heads={self.swa_num_kv_heads} != 2 * num_kv_heads="
-                f"{2 * self.num_kv_heads}: transformers' MiMoV2FlashConfig cannot express it"
-            )
-        if not self.swa_attention_sink or self.full_attention_sink:
-            raise ValueError(
-                "transformers' MiMoV2FlashConfig has sinks on SWA layers only "
-                f"(swa_attention_sink={self.swa_attention_sink}, "
-                f"full_attention_sink={self.full_attention_sink})"
-            )
-
-        def rope(theta):
-            return {
-                "rope_type": "default",
-                "rope_theta": theta,
-                "partial_rotary_factor": self.partial_rotary_factor,
-            }
-
-        return {
-            "architectures": ["MiMoV2FlashForCausalLM"],
-            "model_type": "mimo_v2_flash",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.embed_dim,
-            "intermediate_size": self.mlp_dim,
-            "moe_intermediate_size": self.moe_mlp_dim,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "v_head_dim": self.v_head_dim,
-            "hidden_act": "silu",
-            "layer_types": list(self.layer_types),
-            "mlp_layer_types": list(self.mlp_layer_types),
-            "sliding_window": self.sliding_window,
-            "rope_parameters": {FULL: rope(self.rope_theta), SLIDING: rope(self.swa_rope_theta)},
-            "attention_value_scale": self.attention_value_scale,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "n_routed_experts": self.num_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "n_group": self.num_expert_groups,
-            "topk_group": self.topk_groups,
-            "norm_topk_prob": self.norm_topk_prob,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "initializer_range": self.initializer_range,
-            "tie_word_embeddings": False,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            # Not a transformers field (it ignores MTP); kept so the MTP depth round-trips.
-            "num_nextn_predict_layers": self.num_mtp_layers,
-            "torch_dtype": self.param_dtype,
-        }
-
-
-def _get(hf: Mapping[str, Any], key: str, typ):
-    if key not in hf:
-        raise ValueError(f"config.json: missing required key {key!r}")
-    v = hf[key]
-    if typ is int and (not isinstance(v, int) or isinstance(v, bool)):
-        raise ValueError(f"config.json: {key}={v!r} must be an integer")
-    return v
-
-
-def _per_layer(hf: Mapping[str, Any], key: str, n: int) -> Sequence:
-    v = hf[key]
-    if not isinstance(v, list | tuple) or len(v) != n:
-        raise ValueError(
-            f"config.json: {key} must list one entry per layer (num_hidden_layers={n}); got "
-            f"{len(v) if isinstance(v, list | tuple) else type(v).__name__}"
-        )
-    return v
-
-
-def _from_hub_keys(hf: Mapping[str, Any], n: int, kw: Mapping[str, Any]) -> dict[str, Any]:
-    """Reads the remote-code (hub) dialect: 1/0 patterns, swa_* keys, window without the query."""
-    out: dict[str, Any] = {}
-    if "hybrid_layer_pattern" in hf and hf["hybrid_layer_pattern"] is not None:
-        pattern = _per_layer(hf, "hybrid_layer_pattern", n)
-        if any(p not in (0, 1) for p in pattern):
-            raise ValueError(
-                "config.json: hybrid_layer_pattern entries must be 0 (global) or 1 (SWA)"
-            )
-        out["layer_types"] = tuple(SLIDING if p == 1 else FULL for p in pattern)
-    else:
-        out["layer_types"] = tuple(
-            FULL if (i == 0 or (i + 1) % 6 == 0) else SLIDING for i in range(n)
-        )
-    if "moe_layer_freq" in hf and isinstance(hf["moe_layer_freq"], list):
-        freq = _per_layer(hf, "moe_layer_freq", n)
-        if any(f not in (0, 1) for f in freq):
-            raise ValueError("config.json: moe_layer_freq entries must be 0 (dense) or 1 (MoE)")
-        out["mlp_layer_types"] = tuple(SPARSE if f else DENSE for f in freq)
-    else:
-        out["mlp_layer_types"] = (DENSE,) + (SPARSE,) * (n - 1)
-    for key, ours in (
-        ("swa_num_attention_heads", kw["num_heads"]),
-        ("swa_head_dim", kw["head_dim"]),
-        ("swa_v_head_dim", kw["v_head_dim"]),
-    ):
-        if hf.get(key) is not None and hf[key] != ours:
-            raise ValueError(
-                f"config.json: {key}={hf[key]} differs from the global-layer value {ours}; "
-                "MiMo-V2-Flash shares it between layer types and so does this port"
-            )
-    out["swa_num_kv_heads"] = int(hf.get("swa_num_key_value_heads", 2 * kw["num_kv_heads"]))
-    if hf.get("sliding_window_size") is not None:
-        # The hub counts previous tokens; SGLang (the reference engine) also attends to the query.
-        out["sliding_window"] = int(hf["sliding_window_size"]) + 1
-    else:
-        out["sliding_window"] = int(_get(hf, "sliding_window", int))
-    out["rope_theta"] = float(hf.get("rope_theta", 5_000_000.0))
-    out["swa_rope_theta"] = float(hf.get("swa_rope_theta", 10_000.0))
-    out["partial_rotary_factor"] = float(hf.get("partial_rotary_factor", 0.334))
-    if hf.get("rope_scaling"):
-        raise ValueError(f"config.json: rope_scaling={hf['rope_scaling']!r} is not supported")
-    out["swa_attention_sink"] = bool(hf.get("add_swa_attention_sink_bias", True))
-    out["full_attention_sink"] = bool(hf.get("add_full_attention_sink_bias", False))
-    return out
-
-
-def _from_native_keys(hf: Mapping[str, Any], n: int, kw: Mapping[str, Any]) -> dict[str, Any]:
-    """Reads the transformers-native dialect (``layer_types``, ``rope_parameters``, ...)."""
-    out: dict[str, Any] = {}
-    if hf.get("layer_types") is not None:
-        out["layer_types"] = tuple(_per_layer(hf, "layer_types", n))
-    else:
-        out["layer_types"] = tuple(
-            FULL if (i == 0 or (i + 1) % 6 == 0) else SLIDING for i in range(n)
-        )
-    if hf.get("mlp_layer_types") is not None:
-        out["mlp_layer_types"] = tuple(_per_layer(hf, "mlp_layer_types", n))
-    else:
-        out["mlp_layer_types"] = (DENSE,) + (SPARSE,) * (n - 1)
-    # transformers derives the SWA kv heads; it has no key for them.
-    out["swa_num_kv_heads"] = 2 * kw["num_kv_heads"]
-    out["sliding_window"] = int(hf.get("sliding_window", 129))
-    rp = hf.get("rope_parameters")
-    if rp is None:
-        out["rope_theta"], out["swa_rope_theta"], out["partial_rotary_factor"] = 5e6, 1e4, 0.334
-    else:
-        for t in (FULL, SLIDING):
-            if t not in rp:
-                raise ValueError(f"config.json: rope_parameters lacks the {t!r} entry")
-            if rp[t].get("rope_type", "default") != "default":
-                raise ValueError(
-                    f"config.json: rope_parameters[{t!r}].rope_type={rp[t]['rope_type']!r}; "
-                    "only 'default' is supported"
-                )
-        out["rope_theta"] = float(rp[FULL]["rope_theta"])
-        out["swa_rope_theta"] = float(rp[SLIDING]["rope_theta"])
-        factors = {rp[t].get("partial_rotary_factor", 0.334) for t in (FULL, SLIDING)}
-        if len(factors) != 1:
-            raise ValueError(
-                "config.json: rope_parameters has different partial_rotary_factor per layer type"
-            )
-        out["partial_rotary_factor"] = float(factors.pop())
-    out["swa_attention_sink"] = True
-    out["full_attention_sink"] = False
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # Presets.
@@ -479,8 +269,8 @@ def tiny(**overrides) -> ModelConfig:
         swa_num_kv_heads=2,
         head_dim=24,
         v_head_dim=16,
-        layer_types=tuple(FULL if (i == 0 or (i + 1) % 6 == 0) else SLIDING for i in range(n)),
-        mlp_layer_types=(DENSE,) + (SPARSE,) * (n - 1),
+        layer_types=layer_pattern(n)[0],
+        mlp_layer_types=layer_pattern(n)[1],
         sliding_window=17,
         num_experts=8,
         num_experts_per_tok=2,
@@ -505,8 +295,8 @@ def from_config_dict(d: Mapping[str, Any]) -> ModelConfig:
     """
     d = dict(d)
     n = d.pop("num_layers", None)
-    dense = d.pop("num_dense_layers", 1)
-    every = d.pop("global_every", 6)
+    dense = d.pop("num_dense_layers", NUM_DENSE_LAYERS)
+    every = d.pop("global_every", GLOBAL_EVERY)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -519,8 +309,5 @@ def from_config_dict(d: Mapping[str, Any]) -> ModelConfig:
     else:
         if n is None:
             raise ValueError("config.model: give either layer_types or num_layers")
-        d["layer_types"] = tuple(
-            FULL if (i == 0 or (i + 1) % every == 0) else SLIDING for i in range(n)
-        )
-        d["mlp_layer_types"] = (DENSE,) * dense + (SPARSE,) * (n - dense)
+        d["layer_types"], d["mlp_layer_types"] = layer_pattern(n, every, dense)
     return ModelConfig(**d)

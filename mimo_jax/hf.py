@@ -28,7 +28,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mimo_jax.config import ModelConfig
+from mimo_jax.hf_config import config_from_hf, config_to_hf
 from mimo_jax.model import MiMoV2Flash
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -304,7 +304,7 @@ def load_hf(path: str, **overrides) -> MiMoV2Flash:
         }
     if hf_cfg.get("num_nextn_predict_layers") is None:
         defaults["num_mtp_layers"] = _count_mtp_layers(ckpt.meta)
-    cfg = ModelConfig.from_hf(hf_cfg, **{**defaults, **overrides})
+    cfg = config_from_hf(hf_cfg, **{**defaults, **overrides})
 
     abstract = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
     table = hf_entries(abstract)
@@ -382,7 +382,7 @@ def save_hf(
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    hf_cfg = model.cfg.to_hf()  # validates before any file is written
+    hf_cfg = config_to_hf(model.cfg)  # validates before any file is written
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would stick to the published checkpoint, while a

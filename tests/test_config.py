@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import mimo_jax
-from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE, ModelConfig
+from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE, ModelConfig, layer_pattern
+from mimo_jax.hf_config import config_from_hf, config_to_hf
 
 
 def _count(tree) -> int:
@@ -92,8 +93,8 @@ def test_invalid_config_names_the_field(change, field):
 
 def test_native_round_trip():
     cfg = mimo_jax.tiny(num_expert_groups=4, topk_groups=2, routed_scaling_factor=2.5)
-    hf = cfg.to_hf()
-    back = ModelConfig.from_hf(hf, dtype="float32", param_dtype="float32")
+    hf = config_to_hf(cfg)
+    back = config_from_hf(hf, dtype="float32", param_dtype="float32")
     skip = {"dtype", "param_dtype", "attention_impl", "moe_impl", "scan_layers", "remat"}
     for f in dataclasses.fields(ModelConfig):
         if f.name not in skip:
@@ -104,10 +105,28 @@ def test_native_keys_match_transformers():
     from transformers import MiMoV2FlashConfig
 
     cfg = mimo_jax.tiny()
-    tcfg = MiMoV2FlashConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
-    back = ModelConfig.from_hf(tcfg.to_dict(), dtype="float32", param_dtype="float32")
+    tcfg = MiMoV2FlashConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "architectures"})
+    back = config_from_hf(tcfg.to_dict(), dtype="float32", param_dtype="float32")
     assert back.layer_types == cfg.layer_types and back.sliding_window == cfg.sliding_window
     assert back.swa_num_kv_heads == cfg.swa_num_kv_heads and back.num_mtp_layers == 3
+
+
+def test_layer_pattern_and_defaults_are_the_released_models():
+    cfg = mimo_jax.mimo_v2_flash()
+    assert (cfg.layer_types, cfg.mlp_layer_types) == layer_pattern(48)
+    swa, full = (SLIDING,) * 4, (FULL,)
+    assert layer_pattern(7) == (full + swa + full + (SLIDING,), (DENSE,) + (SPARSE,) * 6)
+    assert layer_pattern(4, global_every=2, num_dense_layers=2) == (
+        (FULL, FULL, SLIDING, FULL),
+        (DENSE, DENSE, SPARSE, SPARSE),
+    )
+    # The ml_collections form and a config.json without pattern or rope keys build the same.
+    assert mimo_jax.config.from_config_dict({"num_layers": 48}) == cfg
+    dropped = ("layer_types", "mlp_layer_types", "rope_parameters", "sliding_window")
+    native = {k: v for k, v in config_to_hf(cfg).items() if k not in dropped}
+    del native["max_position_embeddings"]
+    back = config_from_hf(native, num_mtp_layers=cfg.num_mtp_layers, param_dtype=cfg.param_dtype)
+    assert back == cfg
 
 
 def test_hub_keys():
@@ -145,7 +164,7 @@ def test_hub_keys():
         "topk_group": 1,
         "tie_word_embeddings": False,
     }
-    cfg = ModelConfig.from_hf(hub)
+    cfg = config_from_hf(hub)
     assert cfg.sliding_window == 129
     assert (
         cfg.layer_types[0] == FULL and cfg.layer_types[5] == FULL and cfg.layer_types[6] == SLIDING
@@ -154,10 +173,10 @@ def test_hub_keys():
     assert cfg.swa_num_kv_heads == 4 and cfg.rms_norm_eps == 1e-6
     assert cfg.routed_scaling_factor == 1.0 and cfg.num_mtp_layers == 0
     with pytest.raises(ValueError, match="hybrid_layer_pattern"):
-        ModelConfig.from_hf({**hub, "hybrid_layer_pattern": [0, 1]})
+        config_from_hf({**hub, "hybrid_layer_pattern": [0, 1]})
     with pytest.raises(ValueError, match="swa_head_dim"):
-        ModelConfig.from_hf({**hub, "swa_head_dim": 32})
+        config_from_hf({**hub, "swa_head_dim": 32})
     with pytest.raises(ValueError, match="num_hidden_layers"):
-        ModelConfig.from_hf({k: v for k, v in hub.items() if k != "num_hidden_layers"})
+        config_from_hf({k: v for k, v in hub.items() if k != "num_hidden_layers"})
     with pytest.raises(ValueError, match="swa_num_kv_heads"):
-        ModelConfig.from_hf({**hub, "swa_num_key_value_heads": 6}).to_hf()
+        config_to_hf(config_from_hf({**hub, "swa_num_key_value_heads": 6}))

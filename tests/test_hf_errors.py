@@ -18,7 +18,8 @@ from hf_testing import (
 
 import mimo_jax
 from mimo_jax import hf
-from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE, ModelConfig
+from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE
+from mimo_jax.hf_config import config_from_hf
 
 # ---------------------------------------------------------------------------------------------
 # 1. Malformed input.
@@ -248,7 +249,7 @@ def _hub_config(n: int, window: int) -> dict:
 
 
 def test_hub_config_dialect():
-    cfg = ModelConfig.from_hf(_hub_config(13, window=129))
+    cfg = config_from_hf(_hub_config(13, window=129))
     assert cfg.sliding_window == 129
     assert cfg.layer_types == tuple(FULL if i in (0, 5, 11) else SLIDING for i in range(13)), (
         cfg.layer_types
