@@ -1,13 +1,14 @@
-"""Figures for the notebooks (and anyone else): each function takes data in and returns a Figure.
+"""Figures for the notebooks: each function takes data in and returns a matplotlib Figure.
 
-The notebooks in ``notebooks/`` compute nothing themselves: they call the library, pass the
-numbers to one of these functions, and save the result with ``save_figure``. Tests call the same
-functions, so a figure that a notebook shows is a figure that CI has drawn.
+The notebooks compute nothing themselves: they call the library, pass the numbers to one of these
+functions, and save the result with ``save_figure``. Tests call the same functions, so a figure
+that a notebook shows is a figure that CI has drawn. This module lives beside the notebooks, not
+in ``mimo_jax``, so the library does not depend on matplotlib (it is in ``requirements-dev.txt``;
+Colab ships it).
 
-matplotlib is imported inside the functions, never at module import, so ``mimo_jax`` itself does
-not depend on it (it is in ``requirements-dev.txt``; Colab ships it). Every plot uses the
-object-oriented API on a fresh ``Figure`` (no pyplot state), so drawing works headless and
-figures never accumulate in a global registry.
+Every plot uses the object-oriented API on a fresh ``Figure`` (no pyplot state), so drawing works
+headless and figures never accumulate in a global registry. IPython is imported only to display,
+so scripts can draw and save without it.
 
 Sections: saving and live display; training; decoding; conversion; attention; sharding. New
 notebooks add a section with the same conventions: data in, Figure out.
@@ -19,6 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 # Environment variable naming the directory that ``save_figure`` writes to (the notebook tests
 # point it at a temporary directory); unset means the current directory.
@@ -27,8 +31,6 @@ OUT_DIR_ENV = "MIMO_NOTEBOOK_OUT"
 
 def _figure(ncols: int = 1, *, width: float = 6.0, height: float = 4.0):
     """A new Figure with ``ncols`` side-by-side axes (a list), detached from pyplot."""
-    from matplotlib.figure import Figure  # noqa: PLC0415  (optional dependency)
-
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
     return fig, axes
@@ -235,8 +237,6 @@ def plot_attention_mask(
     Returns:
       The Figure.
     """
-    from matplotlib.patches import Rectangle  # noqa: PLC0415
-
     fig, axes = _figure(len(masks), width=4.5, height=4.5)
     for ax, (label, mask) in zip(axes, masks.items(), strict=True):
         mask = np.asarray(mask)
@@ -323,8 +323,6 @@ def plot_timing(seq_lens: Sequence[int], seconds: Mapping[str, Sequence[float]])
 
 def _device_colors(n: int) -> Any:
     """n distinct RGBA colours, one per device (qualitative map, cycled past 20)."""
-    from matplotlib import colormaps  # noqa: PLC0415
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -350,9 +348,9 @@ def plot_param_shardings(
     several devices is replicated over them and takes the colour of the first.
 
     Args:
-      layouts: ``mimo_jax.sharding.ParamLayout``-like records; read are ``path``, ``shape``,
+      layouts: ``mimo_jax.layout.ParamLayout``-like records; read are ``path``, ``shape``,
         ``logical``, ``spec``, ``shard_shape`` and ``devices`` (int [n_0, ..., n_{ndim-1}, R]: the
-        mesh positions holding each block, ``sharding.block_devices``).
+        mesh positions holding each block, ``mimo_jax.layout.block_devices``).
       mesh_shape: {axis: size} of the mesh; when given, a first panel shows each device's mesh
         coordinates in the same colours.
       ncols: panels per row.
@@ -360,8 +358,6 @@ def plot_param_shardings(
     Returns:
       The Figure.
     """
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
     total = int(np.asarray(layouts[0].devices).size) if layouts else 1
     if mesh_shape is not None:
         total = int(np.prod(list(mesh_shape.values())))
@@ -436,7 +432,7 @@ def plot_memory_plan(
 
     Args:
       plans: plan label -> {component: bytes per device}, e.g. parameters, gradients, Adam
-        moments (``mimo_jax.sharding.param_bytes_per_device``).
+        moments (``mimo_jax.layout.param_bytes_per_device``).
       capacity_bytes: a device's memory, drawn as a vertical line.
       capacity_label: legend label of that line.
 

@@ -16,8 +16,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 import mimo_jax
 from configs.base import base_config
 from mimo_jax import axes as ax
-from mimo_jax import figures, layout, train
+from mimo_jax import layout, train
 from mimo_jax import sharding as sh
+from notebooks import figures
 from tests.test_sharding import CFG  # the tiny mesh-test model
 
 
