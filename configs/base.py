@@ -2,15 +2,18 @@
 
 import ml_collections
 
+from mimo_jax.config import GLOBAL_EVERY, NUM_DENSE_LAYERS
+
 
 def model_dict(**fields) -> ml_collections.ConfigDict:
     """A ``config.model`` dict: ModelConfig fields plus the compact pattern keys.
 
     ``num_layers`` / ``num_dense_layers`` / ``global_every`` build ``layer_types`` and
-    ``mlp_layer_types`` (see ``mimo_jax.config.from_config_dict``), so
+    ``mlp_layer_types`` (``mimo_jax.config.layer_pattern``, via ``from_config_dict``), so
     ``--config.model.num_layers=4`` works from the command line.
     """
-    return ml_collections.ConfigDict({"num_dense_layers": 1, "global_every": 6, **fields})
+    pattern = {"num_dense_layers": NUM_DENSE_LAYERS, "global_every": GLOBAL_EVERY}
+    return ml_collections.ConfigDict({**pattern, **fields})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -22,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = model_dict()
 
     # Device mesh (data, fsdp, expert, tensor; one -1 takes the remaining devices) and the rule
-    # preset of mimo_jax/sharding.py that maps parameters and batches onto it.
+    # preset of mimo_jax/sharding.py that maps parameters and batches onto it (docs/sharding.md).
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1, 1)
     c.mesh.rules = "fsdp"

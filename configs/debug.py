@@ -1,4 +1,5 @@
-"""Seconds-long config for tests: two layers (one global dense, one SWA MoE), one MTP layer."""
+"""Seconds-long config for tests: three layers (global + dense FFN, then two SWA + MoE), one MTP
+layer."""
 
 from configs.base import base_config, model_dict
 
