@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
-from mimo_jax.config import FULL, SLIDING
+from mimo_jax.config import FULL, SLIDING, ModelConfig, layer_pattern
 
 # --quick: a smoke-sized run (seconds on a CPU) for tests; explicit flags still win.
 QUICK = dict(
@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--window", type=int, default=129, help="keys per query incl. itself")
+    p.add_argument(
+        "--window", type=int, default=ModelConfig.sliding_window, help="keys per query incl. itself"
+    )
     p.add_argument("--moe-impl", default="ragged", choices=["ragged", "dense"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=5)
@@ -66,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def torch_model(a: argparse.Namespace) -> MiMoV2FlashForCausalLM:
-    layer_types = [FULL if i == 0 or (i + 1) % 6 == 0 else SLIDING for i in range(a.layers)]
-    rope = {"rope_type": "default", "partial_rotary_factor": 0.334}
+    layer_types, mlp_layer_types = layer_pattern(a.layers)  # the released model's pattern
+    rope = {"rope_type": "default", "partial_rotary_factor": ModelConfig.partial_rotary_factor}
     cfg = MiMoV2FlashConfig(
         vocab_size=a.vocab,
         hidden_size=a.hidden,
@@ -78,11 +80,11 @@ def torch_model(a: argparse.Namespace) -> MiMoV2FlashForCausalLM:
         num_key_value_heads=a.kv_heads,
         head_dim=a.head_dim,
         v_head_dim=a.v_head_dim,
-        layer_types=layer_types,
-        mlp_layer_types=["dense"] + ["sparse"] * (a.layers - 1),
+        layer_types=list(layer_types),
+        mlp_layer_types=list(mlp_layer_types),
         rope_parameters={
-            FULL: {**rope, "rope_theta": 5e6},
-            SLIDING: {**rope, "rope_theta": 1e4},
+            FULL: {**rope, "rope_theta": ModelConfig.rope_theta},
+            SLIDING: {**rope, "rope_theta": ModelConfig.swa_rope_theta},
         },
         n_routed_experts=a.experts,
         num_experts_per_tok=a.top_k,
@@ -91,7 +93,7 @@ def torch_model(a: argparse.Namespace) -> MiMoV2FlashForCausalLM:
         norm_topk_prob=True,
         routed_scaling_factor=1.0,
         sliding_window=a.window,
-        attention_value_scale=0.707,
+        attention_value_scale=ModelConfig.attention_value_scale,
         max_position_embeddings=max(4096, a.seq),
         tie_word_embeddings=False,
         initializer_range=0.05,
