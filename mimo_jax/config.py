@@ -21,7 +21,8 @@ MOE_IMPLS = ("dense", "ragged", "expert_parallel")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # The released model: layer i attends globally when i == 0 or (i + 1) % GLOBAL_EVERY == 0
-# (MiMo-V2-Flash technical report, section 2), and its first layer has a dense FFN.
+# (MiMo-V2-Flash technical report, section 2.1 and figure 2), and its first layer has a dense
+# FFN.
 GLOBAL_EVERY = 6
 NUM_DENSE_LAYERS = 1
 

@@ -1,4 +1,5 @@
-"""Sigmoid-routed mixture of experts with aux-loss-free balancing (reference section 2.6).
+"""Sigmoid-routed mixture of experts with aux-loss-free balancing (MiMo-V2-Flash technical
+report, section 2.1).
 
 Router: fp32 logits and sigmoid; the correction bias shifts *selection* only (DeepSeek-V3
 "noaux_tc"); group-limited top-k; gate weights come from the unbiased scores, optionally
@@ -38,7 +39,8 @@ class Router(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(cfg.initializer_range)
-        # fp32 regardless of param_dtype: bf16 routing mis-ranks experts (reference 2.6).
+        # fp32 regardless of param_dtype, as the report keeps it (section 3): bf16 logits round
+        # close scores together and so mis-rank experts.
         self.kernel = nnx.Param(
             init(rngs.params(), (cfg.embed_dim, cfg.num_experts), jnp.float32),
             out_sharding=(ax.EMBED, None),
@@ -256,11 +258,9 @@ def default_block_size(rows: int, num_groups: int) -> int:
     """The block size b of the blocked grouped matmul for R rows over E experts.
 
     Padding costs up to b - 1 rows per expert, E * b / 2 in all on average; a power of two near
-    R / (2E) keeps that near R / 4. Smaller blocks pad less but run slower on CPU: per block
-    there is a gathered [D, M] weight copy and a small matmul. On the tiny config's train step
-    (R = 1024, E = 8) b = 64 ran faster than 32 (5-10% in separate runs on a noisy CPU); 128 was
-    no faster than 64.
-    Clamped to [8, 128]: 8 is a few SIMD rows; beyond 128 rows a block gains nothing on CPU.
+    R / (2E) keeps that near R / 4. Smaller blocks pad less but cost more per row: each block
+    carries a gathered [D, M] weight copy and a matmul too small to use the CPU well. Clamped to
+    [8, 128]: 8 is a few SIMD rows; past 128 rows a block's matmul is already efficient.
 
     Args:
       rows: R.
@@ -373,7 +373,8 @@ def _blocked_experts(
 
     Three ``grouped_matmul`` calls would pad and unpad around each matmul; here tokens are
     gathered straight into the padded blocks once, gate/up/down all run on blocks, and the
-    combine sums the blocks back onto tokens (half the time of three separate calls on CPU).
+    combine sums the blocks back onto tokens: one gather in and one sum out, not a gather each
+    way around each of the three matmuls.
 
     Args:
       x: [T, D] tokens.
