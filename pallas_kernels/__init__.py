@@ -1,19 +1,68 @@
 """Attention kernels for MiMo-V2-Flash: sliding window + sink bias, one front door.
 
-``attention(..., implementation="xla" | "pallas")`` is the only attention entry point of the model.
-``reference.attention_reference`` is the fp32 specification both implementations are tested against.
+``attention(...)`` is the only attention entry point of the model. It checks the operands and then
+dispatches once, here, by ``implementation``, ``kernel``, the backend and whether positions are
+given:
+
+* ``implementation="xla"``: ``xla.attention_xla`` (pure JAX, differentiable, any backend).
+* ``implementation="pallas"``, ``kernel="tpu"``: ``flash.flash_attention`` (Pallas TPU flash
+  forward + backward), or with positions ``flash_decode.decode_attention``.
+* ``implementation="pallas"``, ``kernel="mgpu"``: ``flash_mgpu.flash_attention_mgpu`` (Mosaic GPU
+  forward + backward), or with positions ``flash_mgpu_decode.decode_attention_mgpu``.
+
+``kernel`` defaults to "mgpu" (Mosaic GPU, Hopper) on GPU backends and "tpu" (Pallas TPU, Mosaic
+TPU when compiled) elsewhere. The decode kernels are forward-only. ``reference.attention_reference``
+is the fp32 specification every path is tested against. docs/attention_kernels.md describes the
+kernels and their constraints.
 """
 
+import os
 from typing import Literal
 
 import jax
 
-from pallas_kernels import xla
+from pallas_kernels import flash, flash_decode, flash_mgpu, flash_mgpu_decode, xla
+from pallas_kernels.flash_common import BlockSizes
+from pallas_kernels.flash_mgpu_common import MgpuBlockSizes
 from pallas_kernels.reference import attention_reference
 
-__all__ = ["attention", "attention_reference", "IMPLEMENTATIONS"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "KERNELS",
+    "attention",
+    "attention_reference",
+    "default_interpret",
+    "default_kernel",
+]
 
 IMPLEMENTATIONS = ("xla", "pallas")
+KERNELS = ("tpu", "mgpu")
+INTERPRET_ENV = "MIMO_PALLAS_INTERPRET"
+
+
+def default_kernel() -> Literal["tpu", "mgpu"]:
+    """The Pallas kernel family of this backend: "mgpu" on GPU, "tpu" elsewhere (CPU interprets)."""
+    return "mgpu" if jax.default_backend() in ("gpu", "cuda") else "tpu"
+
+
+def default_interpret() -> bool:
+    """Whether Pallas kernels are interpreted when ``attention`` is not told.
+
+    ``MIMO_PALLAS_INTERPRET=1`` / ``0`` forces interpretation on / off (e.g. ``0`` runs the kernel
+    tests compiled on an accelerator, see ``bench/gpu_check.sh``); unset, kernels are interpreted
+    on CPU only. This is the one place the package reads the environment.
+
+    Raises:
+      ValueError: for a value other than 1/0, true/false, yes/no, on/off.
+    """
+    env = os.environ.get(INTERPRET_ENV, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env:
+        raise ValueError(f"{INTERPRET_ENV}={env!r}: use 1 (interpret) or 0 (compile)")
+    return jax.default_backend() == "cpu"
 
 
 def _check_inputs(q, k, v, sinks, sliding_window, q_positions, kv_positions):
@@ -58,6 +107,9 @@ def attention(
     q_positions: jax.Array | None = None,
     kv_positions: jax.Array | None = None,
     implementation: Literal["xla", "pallas"] = "xla",
+    kernel: Literal["tpu", "mgpu"] | None = None,
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | MgpuBlockSizes | None = None,
 ) -> jax.Array:
     """Multi-head attention with GQA, optional sliding window and optional per-head sink logits.
 
@@ -74,24 +126,38 @@ def attention(
       scale: logit scale, default H ** -0.5.
       q_positions: optional int [B, T] absolute query positions (default: the last T of arange(S)).
       kv_positions: optional int [B, S] absolute key positions, negative for empty cache slots.
-      implementation: "xla" (pure JAX) or "pallas" (flash kernel).
+        With positions, "pallas" runs a forward-only decode kernel.
+      implementation: "xla" (pure JAX) or "pallas" (flash kernels).
+      kernel: "pallas" only: "tpu" (Pallas TPU kernels) or "mgpu" (Mosaic GPU kernels, Hopper:
+        bf16/f16 operands, H and P multiples of 64, else ValueError); default ``default_kernel()``.
+      interpret: "pallas" only: run the kernel in its interpreter (CPU) instead of compiling it;
+        default ``default_interpret()`` (the ``MIMO_PALLAS_INTERPRET`` override, else on CPU).
+      block_sizes: "pallas" only: tiles, ``flash_common.BlockSizes`` for "tpu",
+        ``flash_mgpu_common.MgpuBlockSizes`` for "mgpu"; default that class's defaults.
 
     Returns:
       [B, T, N, P] in q's dtype.
     """
     _check_inputs(q, k, v, sinks, sliding_window, q_positions, kv_positions)
-    kwargs = dict(
-        sinks=sinks,
-        sliding_window=sliding_window,
-        causal=causal,
-        scale=scale,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-    )
+    rule = dict(sinks=sinks, sliding_window=sliding_window, causal=causal, scale=scale)
     if implementation == "xla":
-        return xla.attention_xla(q, k, v, **kwargs)
-    if implementation == "pallas":
-        from pallas_kernels import flash  # noqa: PLC0415  (kernel module imports Pallas lazily)
-
-        return flash.attention_pallas(q, k, v, **kwargs)
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        return xla.attention_xla(
+            q, k, v, **rule, q_positions=q_positions, kv_positions=kv_positions
+        )
+    if implementation != "pallas":
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    kernel = default_kernel() if kernel is None else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if interpret is None:
+        interpret = default_interpret()
+    tuning = dict(block_sizes=block_sizes, interpret=interpret)
+    if kernel == "mgpu":
+        if q_positions is None:
+            return flash_mgpu.flash_attention_mgpu(q, k, v, **rule, **tuning)
+        return flash_mgpu_decode.decode_attention_mgpu(
+            q, k, v, q_positions, kv_positions, **rule, **tuning
+        )
+    if q_positions is None:
+        return flash.flash_attention(q, k, v, **rule, **tuning)
+    return flash_decode.decode_attention(q, k, v, q_positions, kv_positions, **rule, **tuning)

@@ -1,4 +1,5 @@
-"""Backward kernels of the Pallas flash attention in ``flash.py`` (FlashAttention-2, Algorithm 2).
+"""Backward kernels of the Pallas TPU flash attention of ``flash.py`` (FlashAttention-2,
+Algorithm 2).
 
 The probabilities are recomputed from q, k and the forward's logsumexp (which already contains
 the sink term, so p = exp(s - lse) is the sink-aware softmax). With delta = rowsum(dO * O):
@@ -32,9 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import flash
 from pallas_kernels import flash_common as common
-from pallas_kernels.flash_common import NT_DIMS, TN_DIMS, div, precision, visible
+from pallas_kernels.flash_common import NT_DIMS, TN_DIMS, FlashConfig, div, precision, visible
 
 
 def _recompute(q, k, v, do, lse, delta, mask, *, scale):
@@ -66,19 +66,8 @@ def _mask(cfg, q_pos, kv_pos):
     )
 
 
-def _dkdv_bounds_kwargs(cfg) -> dict:
-    return dict(
-        block_q=cfg.block_sizes.block_q_dkv,
-        block_kv=cfg.block_sizes.block_kv_dkv,
-        q_len=cfg.q_len,
-        kv_len=cfg.kv_len,
-        causal=cfg.causal,
-        window=cfg.window,
-    )
-
-
 # --------------------------------------------------------------------------------------------
-# dq kernels.
+# dq kernel.
 # --------------------------------------------------------------------------------------------
 
 
@@ -94,10 +83,10 @@ def flash_dq_kernel(
     *,
     cfg,
 ):
-    """Grid schedule: program (b, n, qi, j) adds the j-th window kv block's term to dq."""
+    """Program (b, n, qi, j) adds the j-th window kv block's term to dq."""
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
     qi, j = pl.program_id(2), pl.program_id(3)
-    lo, hi = common.kv_block_bounds(qi, **common.fwd_bounds_kwargs(cfg))
+    lo, hi = common.kv_block_bounds(qi, **cfg.fwd_bounds_kwargs())
     ki = lo + j
 
     @pl.when(j == 0)
@@ -128,30 +117,8 @@ def flash_dq_kernel(
         dq_ref[...] = (dq_scratch[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def flash_dq_loop_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg):
-    """Loop schedule: program (b, n, qi) loops over its window kv blocks; k_ref / v_ref hold the
-    whole [Sp, H] / [Sp, P] sequence of the kv head."""
-    bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
-    qi = pl.program_id(2)
-    lo, hi = common.kv_block_bounds(qi, **common.fwd_bounds_kwargs(cfg))
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_pos = _q_positions(cfg, qi, bq)
-
-    def body(ki, dq):
-        kv_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        k = k_ref[pl.ds(ki * bk, bk), :]
-        v = v_ref[pl.ds(ki * bk, bk), :]
-        _, ds = _recompute(q, k, v, do, lse, delta, _mask(cfg, q_pos, kv_pos), scale=cfg.scale)
-        return dq + jnp.dot(
-            ds.astype(k.dtype), k, precision=precision(k), preferred_element_type=jnp.float32
-        )
-
-    dq = lax.fori_loop(lo, hi + 1, body, jnp.zeros(dq_ref.shape, jnp.float32))
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-
-
 # --------------------------------------------------------------------------------------------
-# dk / dv kernels.
+# dk / dv kernel.
 # --------------------------------------------------------------------------------------------
 
 
@@ -183,11 +150,11 @@ def flash_dkdv_kernel(
     cfg,
     q_steps: int,
 ):
-    """Grid schedule: program (b, kh, ki, t) folds q block ``lo + t % q_steps`` of query head
+    """Program (b, kh, ki, t) folds q block ``lo + t % q_steps`` of query head
     ``kh * G + t // q_steps`` into kv block ki's gradients."""
     bq, bk = cfg.block_sizes.block_q_dkv, cfg.block_sizes.block_kv_dkv
     ki, t = pl.program_id(2), pl.program_id(3)
-    lo, hi = common.q_block_bounds(ki, **_dkdv_bounds_kwargs(cfg))
+    lo, hi = common.q_block_bounds(ki, **cfg.dkdv_bounds_kwargs())
     qi = lo + lax.rem(t, q_steps)
 
     @pl.when(t == 0)
@@ -220,210 +187,119 @@ def flash_dkdv_kernel(
         dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def flash_dkdv_loop_kernel(
-    q_ref,  # [G, Tp, H]: every query head of this kv head
-    k_ref,  # [bk, H]
-    v_ref,  # [bk, P]
-    do_ref,  # [G, Tp, P]
-    lse_ref,  # [G, Tp, 1] f32
-    delta_ref,  # [G, Tp, 1] f32
-    dk_ref,  # [bk, H]
-    dv_ref,  # [bk, P]
-    *,
-    cfg,
-):
-    """Loop schedule: program (b, kh, ki) loops over the group's heads and the window q blocks."""
-    bq, bk = cfg.block_sizes.block_q_dkv, cfg.block_sizes.block_kv_dkv
-    ki = pl.program_id(2)
-    lo, hi = common.q_block_bounds(ki, **_dkdv_bounds_kwargs(cfg))
-    k, v = k_ref[...], v_ref[...]
-    kv_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-
-    def head_body(g, carry):
-        def block_body(qi, carry):
-            rows = pl.ds(qi * bq, bq)
-            mask = _mask(cfg, _q_positions(cfg, qi, bq), kv_pos)
-            return _dkdv_step(
-                q_ref[g, rows, :],
-                k,
-                v,
-                do_ref[g, rows, :],
-                lse_ref[g, rows, :],
-                delta_ref[g, rows, :],
-                mask,
-                *carry,
-                scale=cfg.scale,
-            )
-
-        return lax.fori_loop(lo, hi + 1, block_body, carry)
-
-    init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-    dk, dv = lax.fori_loop(0, q_ref.shape[0], head_body, init)
-    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # pallas_calls.
 # --------------------------------------------------------------------------------------------
 
 
-def _dq_call(q, k, v, do, lse, delta, cfg):
-    """dq [B, N, Tp, Hp] from kernel-layout operands (shapes as in ``flash._flash_forward``)."""
-    b, n, tp, hp = q.shape
-    kv_heads, sp, pp = k.shape[1], k.shape[2], v.shape[3]
+def _dq_call(q, k, v, do, lse, delta, cfg: FlashConfig):
+    """dq [B, N, Tp, H] from kernel-layout operands (shapes as in ``flash._forward_call``)."""
+    b, n, tp, h = q.shape
+    kv_heads, p = k.shape[1], v.shape[3]
     g = n // kv_heads
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
-    bounds = functools.partial(common.kv_block_bounds, **common.fwd_bounds_kwargs(cfg))
-    if cfg.mode == "grid":
+    bounds = functools.partial(common.kv_block_bounds, **cfg.fwd_bounds_kwargs())
 
-        def kv_index(bi, ni, qi, j):
-            lo, hi = bounds(qi)
-            return bi, div(ni, g), jnp.minimum(lo + j, jnp.maximum(hi, lo)), 0
+    def kv_index(bi, ni, qi, j):
+        lo, hi = bounds(qi)
+        return bi, div(ni, g), jnp.minimum(lo + j, jnp.maximum(hi, lo)), 0
 
-        def q_index(bi, ni, qi, j):
-            return bi, ni, qi, 0
+    def q_index(bi, ni, qi, j):
+        return bi, ni, qi, 0
 
-        grid = (b, n, tp // bq, common.num_kv_steps(**common.fwd_bounds_kwargs(cfg)))
-        kv_specs = [
-            pl.BlockSpec((None, None, bk, hp), kv_index),
-            pl.BlockSpec((None, None, bk, pp), kv_index),
-        ]
-        kernel = functools.partial(flash_dq_kernel, cfg=cfg)
-        scratch_shapes = [common.scratch((bq, hp))]
-        semantics = ("parallel", "parallel", "parallel", "arbitrary")
-    else:
-
-        def q_index(bi, ni, qi):
-            return bi, ni, qi, 0
-
-        def kv_index(bi, ni, qi):
-            return bi, div(ni, g), 0, 0
-
-        grid = (b, n, tp // bq)
-        kv_specs = [
-            pl.BlockSpec((None, None, sp, hp), kv_index),
-            pl.BlockSpec((None, None, sp, pp), kv_index),
-        ]
-        kernel = functools.partial(flash_dq_loop_kernel, cfg=cfg)
-        scratch_shapes = []
-        semantics = ("parallel", "parallel", "parallel")
     row_spec = pl.BlockSpec((None, None, bq, 1), q_index)
     return pl.pallas_call(
-        kernel,
-        grid=grid,
+        functools.partial(flash_dq_kernel, cfg=cfg),
+        grid=(b, n, tp // bq, common.num_kv_steps(**cfg.fwd_bounds_kwargs())),
         in_specs=[
-            pl.BlockSpec((None, None, bq, hp), q_index),
-            *kv_specs,
-            pl.BlockSpec((None, None, bq, pp), q_index),
+            pl.BlockSpec((None, None, bq, h), q_index),
+            pl.BlockSpec((None, None, bk, h), kv_index),
+            pl.BlockSpec((None, None, bk, p), kv_index),
+            pl.BlockSpec((None, None, bq, p), q_index),
             row_spec,
             row_spec,
         ],
-        out_specs=pl.BlockSpec((None, None, bq, hp), q_index),
+        out_specs=pl.BlockSpec((None, None, bq, h), q_index),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=scratch_shapes,
-        compiler_params=common.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
+        scratch_shapes=[common.scratch((bq, h))],
+        compiler_params=common.compiler_params(
+            cfg.interpret, ("parallel", "parallel", "parallel", "arbitrary")
+        ),
         interpret=cfg.interpret,
         name="mimo_flash_dq",
     )(q, k, v, do, lse, delta)
 
 
-def _dkdv_call(q, k, v, do, lse, delta, cfg):
-    """(dk [B, K, Sp, Hp], dv [B, K, Sp, Pp]) from kernel-layout operands."""
-    b, n, tp, hp = q.shape
-    kv_heads, sp, pp = k.shape[1], k.shape[2], v.shape[3]
+def _dkdv_call(q, k, v, do, lse, delta, cfg: FlashConfig):
+    """(dk [B, K, Sp, H], dv [B, K, Sp, P]) from kernel-layout operands."""
+    b, n, tp, h = q.shape
+    kv_heads, sp, p = k.shape[1], k.shape[2], v.shape[3]
     g = n // kv_heads
     bq, bk = cfg.block_sizes.block_q_dkv, cfg.block_sizes.block_kv_dkv
-    bounds = functools.partial(common.q_block_bounds, **_dkdv_bounds_kwargs(cfg))
-    out_shape = (
-        jax.ShapeDtypeStruct(k.shape, k.dtype),
-        jax.ShapeDtypeStruct(v.shape, v.dtype),
-    )
-    if cfg.mode == "grid":
-        q_steps = common.num_q_steps(**_dkdv_bounds_kwargs(cfg))
+    bounds = functools.partial(common.q_block_bounds, **cfg.dkdv_bounds_kwargs())
+    q_steps = common.num_q_steps(**cfg.dkdv_bounds_kwargs())
 
-        def q_index(bi, kh, ki, t):
-            lo, hi = bounds(ki)
-            qi = jnp.minimum(lo + lax.rem(t, q_steps), jnp.maximum(hi, lo))
-            return bi, kh * g + div(t, q_steps), qi, 0
+    def q_index(bi, kh, ki, t):
+        lo, hi = bounds(ki)
+        qi = jnp.minimum(lo + lax.rem(t, q_steps), jnp.maximum(hi, lo))
+        return bi, kh * g + div(t, q_steps), qi, 0
 
-        def kv_index(bi, kh, ki, t):
-            return bi, kh, ki, 0
+    def kv_index(bi, kh, ki, t):
+        return bi, kh, ki, 0
 
-        grid = (b, kv_heads, sp // bk, g * q_steps)
-        q_specs = [
-            pl.BlockSpec((None, None, bq, hp), q_index),
-            pl.BlockSpec((None, None, bq, pp), q_index),
-            pl.BlockSpec((None, None, bq, 1), q_index),
-        ]
-        kernel = functools.partial(flash_dkdv_kernel, cfg=cfg, q_steps=q_steps)
-        scratch_shapes = [common.scratch((bk, hp)), common.scratch((bk, pp))]
-        semantics = ("parallel", "parallel", "parallel", "arbitrary")
-    else:
-        # Block G along the head axis: block index kh covers query heads kh * G .. kh * G + G - 1.
-        def q_index(bi, kh, ki):
-            return bi, kh, 0, 0
-
-        def kv_index(bi, kh, ki):
-            return bi, kh, ki, 0
-
-        grid = (b, kv_heads, sp // bk)
-        q_specs = [
-            pl.BlockSpec((None, g, tp, hp), q_index),
-            pl.BlockSpec((None, g, tp, pp), q_index),
-            pl.BlockSpec((None, g, tp, 1), q_index),
-        ]
-        kernel = functools.partial(flash_dkdv_loop_kernel, cfg=cfg)
-        scratch_shapes = []
-        semantics = ("parallel", "parallel", "parallel")
-    q_spec, do_spec, row_spec = q_specs
+    row_spec = pl.BlockSpec((None, None, bq, 1), q_index)
     return pl.pallas_call(
-        kernel,
-        grid=grid,
+        functools.partial(flash_dkdv_kernel, cfg=cfg, q_steps=q_steps),
+        grid=(b, kv_heads, sp // bk, g * q_steps),
         in_specs=[
-            q_spec,
-            pl.BlockSpec((None, None, bk, hp), kv_index),
-            pl.BlockSpec((None, None, bk, pp), kv_index),
-            do_spec,
+            pl.BlockSpec((None, None, bq, h), q_index),
+            pl.BlockSpec((None, None, bk, h), kv_index),
+            pl.BlockSpec((None, None, bk, p), kv_index),
+            pl.BlockSpec((None, None, bq, p), q_index),
             row_spec,
             row_spec,
         ],
         out_specs=[
-            pl.BlockSpec((None, None, bk, hp), kv_index),
-            pl.BlockSpec((None, None, bk, pp), kv_index),
+            pl.BlockSpec((None, None, bk, h), kv_index),
+            pl.BlockSpec((None, None, bk, p), kv_index),
         ],
-        out_shape=out_shape,
-        scratch_shapes=scratch_shapes,
-        compiler_params=common.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
+        out_shape=(
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ),
+        scratch_shapes=[common.scratch((bk, h)), common.scratch((bk, p))],
+        compiler_params=common.compiler_params(
+            cfg.interpret, ("parallel", "parallel", "parallel", "arbitrary")
+        ),
         interpret=cfg.interpret,
         name="mimo_flash_dkdv",
     )(q, k, v, do, lse, delta)
 
 
-def flash_backward(q, k, v, sinks, out, lse, do, cfg):
-    """Cotangents of ``flash._flash`` for its custom VJP.
+def flash_backward(q, k, v, sinks, out, lse, do, cfg: FlashConfig):
+    """Cotangents of ``flash.flash_attention`` for its custom VJP.
 
     Args:
       q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, P]; sinks: [N].
       out: [B, T, N, P] forward output; lse: [B, N, Tp, 1] f32 forward logsumexp (with sinks).
       do: [B, T, N, P] output cotangent.
-      cfg: the forward's ``flash._Config``.
+      cfg: the forward's configuration.
 
     Returns:
       (dq, dk, dv, dsinks) shaped and typed like (q, k, v, sinks).
     """
-    t, p_dim = q.shape[1], v.shape[-1]
-    qk, kk, vk = flash._prepare(q, k, v, cfg)
-    tp, pp = qk.shape[2], vk.shape[3]
+    t = q.shape[1]
+    qk, kk, vk = common.prepare(q, k, v, cfg)
+    tp = qk.shape[2]
     # delta_i = dO_i . O_i = sum_j p_ij (dO_i . v_j); fp32, padded rows get 0.
     delta = jnp.einsum("btnp,btnp->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tp - t)))[..., None]  # [B, N, Tp, 1]
-    dok = common.to_kernel_layout(do.astype(q.dtype), tp, pp)  # [B, N, Tp, Pp]
+    dok = common.to_kernel_layout(do.astype(q.dtype), tp)  # [B, N, Tp, P]
     dq = _dq_call(qk, kk, vk, dok, lse, delta, cfg)
     dk, dv = _dkdv_call(qk, kk, vk, dok, lse, delta, cfg)
-    dq = common.from_kernel_layout(dq, t, q.shape[-1])
-    dk = common.from_kernel_layout(dk, k.shape[1], k.shape[-1])
-    dv = common.from_kernel_layout(dv, v.shape[1], p_dim)
+    dq = common.from_kernel_layout(dq, t)
+    dk = common.from_kernel_layout(dk, k.shape[1])
+    dv = common.from_kernel_layout(dv, v.shape[1])
     # dsinks[n] = -sum_{b, i} exp(sink_n - lse_bni) * delta_bni (derivation in the module doc).
     lse_rows, delta_rows = lse[:, :, :t, 0], delta[:, :, :t, 0]  # [B, N, T]
     p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_rows)

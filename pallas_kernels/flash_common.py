@@ -1,23 +1,23 @@
-"""Shared pieces of the Pallas flash kernels (``flash``, ``flash_bwd``, ``flash_decode``,
-``flash_mgpu``): tile sizes, which blocks a tile can see, the masking rule, the online-softmax
-block step, backend selection and the [B, heads, L, D] kernel layout.
+"""Shared pieces of the Pallas TPU flash kernels (``flash``, ``flash_bwd``, ``flash_decode``): tile
+sizes, which blocks a tile can see, the masking rule, the online-softmax block step, the static
+configuration of a call, and the [B, heads, L, D] kernel layout. The Mosaic GPU kernels
+(``flash_mgpu*``) use the block bounds, ``pad_axis`` and ``forward_only`` from here too.
 
 Nothing here builds a ``pallas_call``; keeping the block math in one module means the grids, the
-index maps, the in-kernel loops and the tests all use the same bounds.
+index maps, the kernels' block ranges and the tests all use the same bounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 # Finite stand-in for -inf: masked logits must give exp(MASK - m) == 0 without (-inf) - (-inf) NaNs
 # in rows whose first visited block is fully masked.
@@ -25,13 +25,10 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
 TN_DIMS = (((0,), (0,)), ((), ()))  # a.T @ b
 
-# "mgpu": the Mosaic GPU (Hopper) kernels of flash_mgpu*.py for forward, backward and decode.
-Mode = Literal["grid", "loop", "mgpu"]
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes of the flash kernels.
+    """Tile sizes of the Pallas TPU flash kernels (128 by default: TPU lanes).
 
     Attributes:
       block_q: query rows per forward / dq tile.
@@ -53,22 +50,14 @@ class BlockSizes:
                 raise ValueError(f"{name}={value!r} must be a positive multiple of 8 (sublanes)")
 
     @classmethod
-    def get_default(cls, backend: str | None = None) -> BlockSizes:
-        """128 everywhere (TPU lanes); smaller tiles on GPU, where the loop schedule keeps fp32
-        accumulators of up to [tile, 256] (H = 192 padded) in registers."""
-        if (backend or jax.default_backend()) == "gpu":
-            return cls(block_q=64, block_kv=64, block_q_dkv=64, block_kv_dkv=32, block_kv_decode=64)
-        return cls()
-
-    @classmethod
     def uniform(cls, size: int) -> BlockSizes:
         """All tiles ``size`` (tests use 16 so that windows span several blocks)."""
         return cls(size, size, size, size, size)
 
 
 # --------------------------------------------------------------------------------------------
-# Which blocks a tile can see. Shared by the grid builders, the index maps, the in-kernel loops
-# and the tests, so the "only window blocks" property is checked on the code that runs.
+# Which blocks a tile can see. Shared by the grid builders, the index maps, the kernels' block
+# ranges and the tests, so the "only window blocks" property is checked on the code that runs.
 # --------------------------------------------------------------------------------------------
 
 
@@ -144,7 +133,8 @@ def num_q_steps(*, block_q, block_kv, q_len, kv_len, causal, window) -> int:
 
 
 def precision(x):
-    """fp32 operands get full-precision matmuls (Triton would otherwise use TF32); bf16 default."""
+    """fp32 operands get full-precision matmuls (a TPU would otherwise multiply them in bf16
+    passes); 16-bit operands the backend default."""
     return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
 
 
@@ -224,77 +214,67 @@ def finalize(m, l, acc):
     return o, lse
 
 
-def fwd_bounds_kwargs(cfg) -> dict:
-    """``kv_block_bounds`` keyword arguments of a forward / dq config (``flash._Config``)."""
-    return dict(
-        block_q=cfg.block_sizes.block_q,
-        block_kv=cfg.block_sizes.block_kv,
-        q_len=cfg.q_len,
-        kv_len=cfg.kv_len,
-        causal=cfg.causal,
-        window=cfg.window,
-    )
-
-
 # --------------------------------------------------------------------------------------------
-# Backend plumbing shared with flash_bwd / flash_decode.
+# One call's static configuration, and the kernel layout.
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_interpret(interpret: bool | None = None) -> bool:
-    """Interpret mode: explicit argument, else ``MIMO_PALLAS_INTERPRET``, else "on CPU"."""
-    if interpret is not None:
-        return bool(interpret)
-    env = os.environ.get("MIMO_PALLAS_INTERPRET", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
-    return jax.default_backend() == "cpu"
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Static (hashable) description of one prefill / training flash call: the nondiff argument
+    of ``flash``'s custom VJP, read by the forward and the backward kernels.
 
-
-def resolve_mode(mode: Mode | None = None) -> Mode:
-    """Schedule: explicit, else ``MIMO_PALLAS_MODE``, else "mgpu" on GPU and "grid" elsewhere.
-
-    "mgpu" runs the Mosaic GPU kernels (``flash_mgpu*``, Hopper); "loop" the deprecated Triton
-    lowering, kept for other GPUs and for inputs outside the Mosaic GPU kernels' domain (f32, head
-    dims that are not multiples of 64), on explicit request only.
+    Attributes:
+      q_len: T before padding.
+      kv_len: S before padding.
+      causal: mask keys after the query.
+      window: sliding window, or None for global attention.
+      scale: logit scale.
+      has_sinks: whether the sink operand is real (else a zero stand-in whose gradient is dropped).
+      block_sizes: the tiles.
+      interpret: run the kernels in the Pallas interpreter instead of compiling for Mosaic TPU.
     """
-    mode = mode or os.environ.get("MIMO_PALLAS_MODE") or None
-    if mode is None:
-        mode = "mgpu" if jax.default_backend() in ("gpu", "cuda") else "grid"
-    if mode not in ("grid", "loop", "mgpu"):
-        raise ValueError(f"mode must be 'grid', 'loop' or 'mgpu', got {mode!r}")
-    return mode
+
+    q_len: int
+    kv_len: int
+    causal: bool
+    window: int | None
+    scale: float
+    has_sinks: bool
+    block_sizes: BlockSizes
+    interpret: bool
+
+    def fwd_bounds_kwargs(self) -> dict:
+        """``kv_block_bounds`` keyword arguments of the forward and dq kernels' tiles."""
+        bs = self.block_sizes
+        return dict(block_q=bs.block_q, block_kv=bs.block_kv, **self._rule())
+
+    def dkdv_bounds_kwargs(self) -> dict:
+        """``q_block_bounds`` keyword arguments of the dk/dv kernel's tiles."""
+        bs = self.block_sizes
+        return dict(block_q=bs.block_q_dkv, block_kv=bs.block_kv_dkv, **self._rule())
+
+    def _rule(self) -> dict:
+        return dict(q_len=self.q_len, kv_len=self.kv_len, causal=self.causal, window=self.window)
 
 
-def compiler_params(mode: Mode, interpret: bool, semantics: tuple[str, ...], head_dim: int = 128):
-    """Backend compiler parameters (None in interpret mode).
+def compiler_params(interpret: bool, semantics: tuple[str, ...]):
+    """Mosaic TPU compiler parameters, None in interpret mode.
 
     Args:
-      mode: the schedule; "loop" targets the Triton GPU lowering, "grid" Mosaic TPU.
       interpret: whether the kernel is interpreted.
       semantics: per grid axis, "parallel" or "arbitrary" (sequential, carries scratch).
-      head_dim: largest (padded) head dim of the kernel; wide tiles get 8 warps on GPU.
 
     Returns:
-      a CompilerParams object or None.
+      ``pltpu.CompilerParams`` or None.
     """
     if interpret:
         return None
-    if mode == "loop":
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
-
-        return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
-
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
 def scratch(shape):
     """An f32 scratch buffer of the grid schedule (VMEM on TPU, plain buffers when interpreted)."""
-    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
-
     return pltpu.VMEM(shape, jnp.float32)
 
 
@@ -308,23 +288,31 @@ def pad_axis(x, axis, multiple):
     return jnp.pad(x, widths)
 
 
-def head_dim_multiple(mode: Mode, dim: int) -> int:
-    """Triton tiles must be powers of two: pad head dims to the next one in loop mode."""
-    if mode == "loop":
-        return max(16, 1 << (dim - 1).bit_length())
-    return dim
+def to_kernel_layout(x, seq_block):
+    """[B, L, heads, D] -> [B, heads, Lp, D], the sequence zero-padded to a block multiple."""
+    return pad_axis(jnp.swapaxes(x, 1, 2), 2, seq_block)
 
 
-def to_kernel_layout(x, seq_block, dim_multiple):
-    """[B, L, heads, D] -> [B, heads, Lp, Dp], zero-padded (seq to a block multiple)."""
-    x = jnp.swapaxes(x, 1, 2)
-    x = pad_axis(x, 2, seq_block)
-    return pad_axis(x, 3, dim_multiple)
+def from_kernel_layout(x, length):
+    """[B, heads, Lp, D] -> [B, length, heads, D]."""
+    return jnp.swapaxes(x[:, :, :length], 1, 2)
 
 
-def from_kernel_layout(x, length, dim):
-    """[B, heads, Lp, Dp] -> [B, length, heads, dim]."""
-    return jnp.swapaxes(x[:, :, :length, :dim], 1, 2)
+def prepare(q, k, v, cfg: FlashConfig):
+    """Kernel-layout operands of the forward and the backward.
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, P].
+      cfg: the call's configuration.
+
+    Returns:
+      q [B, N, Tp, H], k [B, K, Sp, H], v [B, K, Sp, P]: T padded so that both q tilings (forward
+      / dq and dk/dv) divide it, S likewise for both kv tilings.
+    """
+    bs = cfg.block_sizes
+    q_mult = np.lcm(bs.block_q, bs.block_q_dkv)
+    kv_mult = np.lcm(bs.block_kv, bs.block_kv_dkv)
+    return to_kernel_layout(q, q_mult), to_kernel_layout(k, kv_mult), to_kernel_layout(v, kv_mult)
 
 
 def sinks_operand(sinks, num_heads):

@@ -1,4 +1,4 @@
-"""Pallas decode / verify attention over a KV cache whose slots carry absolute positions.
+"""Pallas TPU decode / verify attention over a KV cache whose slots carry absolute positions.
 
 A few new queries (T = 1 for plain decode, 2..5 for speculative verify) attend to a cache of S
 slots. Slot positions come from ``kv_positions`` (negative = empty), so a ring buffer of
@@ -14,8 +14,8 @@ sink.
 The cache is small (a window or one sequence), so every block is visited; there is no window
 skipping here because slot order says nothing about position.
 
-Forward only: serving does not differentiate through the cache. In "mgpu" mode (the GPU default)
-``decode_attention`` hands over to the Mosaic GPU kernel of ``flash_mgpu_decode.py``.
+Forward only: serving does not differentiate through the cache. The Mosaic GPU counterpart is
+``flash_mgpu_decode``; ``pallas_kernels.attention`` chooses between them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import flash_common as common
@@ -39,7 +38,6 @@ class _DecodeConfig:
     has_sinks: bool
     block_kv: int
     interpret: bool
-    mode: common.Mode
 
 
 def flash_decode_kernel(
@@ -56,7 +54,7 @@ def flash_decode_kernel(
     *,
     cfg: _DecodeConfig,
 ):
-    """Grid schedule: program (b, kh, j) folds cache block j into the rows of kv head kh."""
+    """Program (b, kh, j) folds cache block j into the rows of kv head kh."""
     j = pl.program_id(2)
     rows = q_ref.shape[0]
 
@@ -78,36 +76,6 @@ def flash_decode_kernel(
         o_ref[...] = o.astype(o_ref.dtype)
 
 
-def flash_decode_loop_kernel(
-    sinks_ref,  # [R, 1] f32 or None
-    q_pos_ref,  # [R, 1] int32
-    kv_pos_ref,  # [1, Sp] int32
-    q_ref,  # [R, H]
-    k_ref,  # [Sp, H]
-    v_ref,  # [Sp, P]
-    o_ref,  # [R, P]
-    *,
-    cfg: _DecodeConfig,
-):
-    """Loop schedule: program (b, kh) loops over all cache blocks."""
-    bk = cfg.block_kv
-    rows = q_ref.shape[0]
-    q, q_pos = q_ref[...], q_pos_ref[...]
-
-    def body(ki, carry):
-        cols = pl.ds(ki * bk, bk)
-        mask = common.visible(q_pos, kv_pos_ref[:, cols], causal=cfg.causal, window=cfg.window)
-        return common.online_softmax_step(
-            q, k_ref[cols, :], v_ref[cols, :], mask, *carry, scale=cfg.scale
-        )
-
-    m, l = common.init_stats(None if sinks_ref is None else sinks_ref[...], rows)
-    acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
-    m, l, acc = lax.fori_loop(0, k_ref.shape[0] // bk, body, (m, l, acc))
-    o, _ = common.finalize(m, l, acc)
-    o_ref[...] = o.astype(o_ref.dtype)
-
-
 def _decode_call(sinks, q_pos, kv_pos, q, k, v, cfg: _DecodeConfig):
     """Runs the decode kernel on stacked operands.
 
@@ -115,62 +83,40 @@ def _decode_call(sinks, q_pos, kv_pos, q, k, v, cfg: _DecodeConfig):
       sinks: [K, R, 1] f32 per-row sink logits.
       q_pos: [B, R, 1] int32 per-row query positions.
       kv_pos: [B, 1, Sp] int32 slot positions, -1 for empty and padded slots.
-      q: [B, K, R, Hp] rows of the G heads x T queries of each kv head.
-      k: [B, K, Sp, Hp]; v: [B, K, Sp, Pp].
+      q: [B, K, R, H] rows of the G heads x T queries of each kv head.
+      k: [B, K, Sp, H]; v: [B, K, Sp, P].
       cfg: static configuration.
 
     Returns:
-      [B, K, R, Pp] in q's dtype.
+      [B, K, R, P] in q's dtype.
     """
-    b, kv_heads, r, hp = q.shape
-    sp, pp = k.shape[2], v.shape[3]
+    b, kv_heads, r, h = q.shape
+    sp, p = k.shape[2], v.shape[3]
     bk = cfg.block_kv
-    if cfg.mode == "grid":
-        grid = (b, kv_heads, sp // bk)
-        in_specs = [
-            pl.BlockSpec((None, r, 1), lambda bi, kh, j: (kh, 0, 0)),
-            pl.BlockSpec((None, r, 1), lambda bi, kh, j: (bi, 0, 0)),
-            pl.BlockSpec((None, 1, bk), lambda bi, kh, j: (bi, 0, j)),
-            pl.BlockSpec((None, None, r, hp), lambda bi, kh, j: (bi, kh, 0, 0)),
-            pl.BlockSpec((None, None, bk, hp), lambda bi, kh, j: (bi, kh, j, 0)),
-            pl.BlockSpec((None, None, bk, pp), lambda bi, kh, j: (bi, kh, j, 0)),
-        ]
-        out_spec = pl.BlockSpec((None, None, r, pp), lambda bi, kh, j: (bi, kh, 0, 0))
-        scratch_shapes = [
-            common.scratch((r, 1)),
-            common.scratch((r, 1)),
-            common.scratch((r, pp)),
-        ]
-        kernel = flash_decode_kernel
-        semantics = ("parallel", "parallel", "arbitrary")
-    else:
-        grid = (b, kv_heads)
-        in_specs = [
-            pl.BlockSpec((None, r, 1), lambda bi, kh: (kh, 0, 0)),
-            pl.BlockSpec((None, r, 1), lambda bi, kh: (bi, 0, 0)),
-            pl.BlockSpec((None, 1, sp), lambda bi, kh: (bi, 0, 0)),
-            pl.BlockSpec((None, None, r, hp), lambda bi, kh: (bi, kh, 0, 0)),
-            pl.BlockSpec((None, None, sp, hp), lambda bi, kh: (bi, kh, 0, 0)),
-            pl.BlockSpec((None, None, sp, pp), lambda bi, kh: (bi, kh, 0, 0)),
-        ]
-        out_spec = pl.BlockSpec((None, None, r, pp), lambda bi, kh: (bi, kh, 0, 0))
-        scratch_shapes = []
-        kernel = flash_decode_loop_kernel
-        semantics = ("parallel", "parallel")
+    in_specs = [
+        pl.BlockSpec((None, r, 1), lambda bi, kh, j: (kh, 0, 0)),
+        pl.BlockSpec((None, r, 1), lambda bi, kh, j: (bi, 0, 0)),
+        pl.BlockSpec((None, 1, bk), lambda bi, kh, j: (bi, 0, j)),
+        pl.BlockSpec((None, None, r, h), lambda bi, kh, j: (bi, kh, 0, 0)),
+        pl.BlockSpec((None, None, bk, h), lambda bi, kh, j: (bi, kh, j, 0)),
+        pl.BlockSpec((None, None, bk, p), lambda bi, kh, j: (bi, kh, j, 0)),
+    ]
     operands = [sinks, q_pos, kv_pos, q, k, v]
     if cfg.has_sinks:
-        body = functools.partial(kernel, cfg=cfg)
+        body = functools.partial(flash_decode_kernel, cfg=cfg)
     else:
         operands, in_specs = operands[1:], in_specs[1:]
-        body = functools.partial(kernel, None, cfg=cfg)
+        body = functools.partial(flash_decode_kernel, None, cfg=cfg)
     return pl.pallas_call(
         body,
-        grid=grid,
+        grid=(b, kv_heads, sp // bk),
         in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((b, kv_heads, r, pp), q.dtype),
-        scratch_shapes=scratch_shapes,
-        compiler_params=common.compiler_params(cfg.mode, cfg.interpret, semantics, max(hp, pp)),
+        out_specs=pl.BlockSpec((None, None, r, p), lambda bi, kh, j: (bi, kh, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, kv_heads, r, p), q.dtype),
+        scratch_shapes=[common.scratch((r, 1)), common.scratch((r, 1)), common.scratch((r, p))],
+        compiler_params=common.compiler_params(
+            cfg.interpret, ("parallel", "parallel", "arbitrary")
+        ),
         interpret=cfg.interpret,
         name="mimo_flash_decode",
     )(*operands)
@@ -181,11 +127,8 @@ def _decode_impl(q, k, v, sinks, q_positions, kv_positions, cfg: _DecodeConfig):
     s, kv_heads, p = k.shape[1], k.shape[2], v.shape[3]
     g = n // kv_heads
     r = g * t
-    # Row tiles: 8 sublanes on TPU; power-of-two tiles of at least 16 rows for Triton's dot.
-    r_mult = 8 if cfg.mode == "grid" else max(16, 1 << (r - 1).bit_length())
-    hm, pm = common.head_dim_multiple(cfg.mode, h), common.head_dim_multiple(cfg.mode, p)
     qr = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, r, h)
-    qr = common.pad_axis(common.pad_axis(qr, 2, r_mult), 3, hm)  # [B, K, Rp, Hp]
+    qr = common.pad_axis(qr, 2, 8)  # [B, K, Rp, H]: rows padded to 8 sublanes
     rp = qr.shape[2]
     q_pos = jnp.tile(q_positions.astype(jnp.int32), (1, g))  # [B, G * T], row g * T + t
     q_pos = jnp.pad(q_pos, ((0, 0), (0, rp - r)), constant_values=-1)[..., None]  # [B, Rp, 1]
@@ -194,10 +137,10 @@ def _decode_impl(q, k, v, sinks, q_positions, kv_positions, cfg: _DecodeConfig):
     row_sinks = jnp.pad(row_sinks, ((0, 0), (0, rp - r), (0, 0)))  # [K, Rp, 1]
     kv_pos = kv_positions.astype(jnp.int32)
     kv_pos = jnp.pad(kv_pos, ((0, 0), (0, (-s) % cfg.block_kv)), constant_values=-1)[:, None]
-    kk = common.to_kernel_layout(k, cfg.block_kv, hm)  # [B, K, Sp, Hp]
-    vk = common.to_kernel_layout(v, cfg.block_kv, pm)  # [B, K, Sp, Pp]
-    o = _decode_call(row_sinks, q_pos, kv_pos, qr, kk, vk, cfg)  # [B, K, Rp, Pp]
-    o = o[:, :, :r, :p].reshape(b, kv_heads, g, t, p)
+    kk = common.to_kernel_layout(k, cfg.block_kv)  # [B, K, Sp, H]
+    vk = common.to_kernel_layout(v, cfg.block_kv)  # [B, K, Sp, P]
+    o = _decode_call(row_sinks, q_pos, kv_pos, qr, kk, vk, cfg)  # [B, K, Rp, P]
+    o = o[:, :, :r].reshape(b, kv_heads, g, t, p)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, p)  # [B, T, N, P]
 
 
@@ -215,9 +158,8 @@ def decode_attention(
     sliding_window: int | None = None,
     causal: bool = True,
     scale: float | None = None,
-    block_sizes=None,
-    interpret: bool | None = None,
-    mode: common.Mode | None = None,
+    block_sizes: common.BlockSizes | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """Attention of a few new queries to a position-tagged KV cache (forward only).
 
@@ -228,42 +170,24 @@ def decode_attention(
       kv_positions: int [B, S] absolute positions of the slots, negative for empty slots.
       sinks: optional [N] sink logits.
       sliding_window, causal, scale: as ``pallas_kernels.attention``.
-      block_sizes: uses ``block_kv_decode`` (cache slots per tile); a
-        ``flash_mgpu.MgpuBlockSizes`` in "mgpu" mode.
-      interpret, mode: as ``flash.flash_attention``; "mgpu" runs ``flash_mgpu_decode``.
+      block_sizes: uses ``block_kv_decode`` (cache slots per tile), default ``BlockSizes()``.
+      interpret: run in the Pallas interpreter (any backend) instead of compiling for Mosaic TPU.
 
     Returns:
       [B, T, N, P] in q's dtype; rows with nothing visible and no sink are 0.
     """
-    mode = common.resolve_mode(mode)
-    if mode == "mgpu":
-        from pallas_kernels import flash_mgpu, flash_mgpu_decode  # noqa: PLC0415
-
-        return flash_mgpu_decode.decode_attention_mgpu(
-            q,
-            k,
-            v,
-            q_positions,
-            kv_positions,
-            sinks=sinks,
-            sliding_window=sliding_window,
-            causal=causal,
-            scale=scale,
-            block_sizes=flash_mgpu.mgpu_block_sizes(block_sizes),
-            interpret=common.resolve_interpret(interpret),
+    block_sizes = block_sizes or common.BlockSizes()
+    if not isinstance(block_sizes, common.BlockSizes):
+        raise ValueError(
+            f"the Pallas TPU kernels take flash_common.BlockSizes, got {block_sizes!r}"
         )
-    block_sizes = block_sizes or common.BlockSizes.get_default()
-    block_kv = block_sizes.block_kv_decode
-    if mode == "loop" and block_kv & (block_kv - 1):
-        raise ValueError(f"loop (Triton) mode needs a power-of-two block_kv_decode, got {block_kv}")
     cfg = _DecodeConfig(
         causal=causal,
         window=sliding_window,
         scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
         has_sinks=sinks is not None,
-        block_kv=block_kv,
-        interpret=common.resolve_interpret(interpret),
-        mode=mode,
+        block_kv=block_sizes.block_kv_decode,
+        interpret=interpret,
     )
     if sinks is None:
         sinks = jnp.zeros((q.shape[2],), jnp.float32)

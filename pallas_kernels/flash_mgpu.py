@@ -1,323 +1,66 @@
-"""Mosaic GPU (Hopper, sm90) forward kernel of the MiMo-V2-Flash flash attention, and the helpers
-shared with the Mosaic GPU backward (``flash_mgpu_bwd``) and decode (``flash_mgpu_decode``) kernels.
+"""Mosaic GPU (Hopper, sm90) flash attention of MiMo-V2-Flash: forward kernel and custom VJP.
 
 The same math as ``flash.py`` (FlashAttention-2 with the sink folded into the running max: the row
 max starts at the head's sink logit and the denominator at exp(sink - sink) = 1), written for
-``jax.experimental.pallas.mosaic_gpu`` instead of the Triton lowering, in the FlashAttention-3
-shape of ``jax.experimental.pallas.ops.gpu.attention_mgpu``:
+``jax.experimental.pallas.mosaic_gpu`` in the FlashAttention-3 shape of
+``jax.experimental.pallas.ops.gpu.attention_mgpu``:
 
 * one CTA per (query head, 2 * block_q query rows, batch row), three warpgroups: two compute
   warpgroups (block_q rows each) and one memory warpgroup that streams kv blocks into a
   ``stages``-deep ring of SMEM buffers with TMA, guarded by "loaded" / "consumed" barriers;
 * QK^T and PV are ``plgpu.wgmma`` on 128-byte-swizzled SMEM tiles, the softmax runs in registers
   in the WGMMA layout, in base 2 (logits pre-multiplied by log2(e)) so each exp is one exp2;
-* the kv loop is clipped to the kv blocks that intersect the CTA's causal window
+* the kv range is clipped to the kv blocks that intersect the CTA's causal window
   (``flash_common.kv_block_bounds`` with the CTA's 2 * block_q rows), so a sliding-window layer
   costs O(T * (2 * block_q + W)), not O(T * S). Both compute warpgroups walk the same CTA-wide range
   (masking what their own rows cannot see) so that they arrive on the shared "consumed" barriers
   in lock step;
 * GQA by index: query head n reads kv head n // G straight from [B, S, K, D] operands.
 
-It returns the output and the natural-log logsumexp (sink included) [B, N, T], which the Mosaic
-GPU backward of ``flash_mgpu_bwd.py`` consumes; ``flash_mgpu_decode.py`` is the decode / verify
-kernel. Both reuse this module's tiles (``MgpuBlockSizes``), domain check (``check_inputs``: bf16 /
-f16, head dims multiples of 64, else ValueError) and the wgmma / layout / pipeline helpers below.
-``flash.flash_attention(mode="mgpu")`` and ``flash_decode.decode_attention(mode="mgpu")`` use
-these kernels only (no Triton anywhere); "mgpu" is the default schedule on GPU backends.
+``flash_forward_mgpu`` returns the output and the natural-log logsumexp (sink included) [B, N, T];
+``flash_attention_mgpu`` puts it and the backward kernels of ``flash_mgpu_bwd`` behind one custom
+VJP. The decode / verify kernel is ``flash_mgpu_decode``; tiles, the domain check (bf16 / f16, head
+dims multiples of 64, else ValueError) and the wgmma / pipeline helpers are in
+``flash_mgpu_common``, which also explains how the kernels run in the Mosaic GPU interpreter.
 
-Testing status (see tests/test_attention_mgpu.py):
-
-* CPU: forward, backward and decode run in the Mosaic GPU interpreter (``InterpretGPUParams``),
-  which simulates the warpgroups as threads, the SMEM buffers, TMA copies and barriers, and checks
-  that every barrier phase is observed. The interpreter (jax 0.10) has no ``layout_cast``,
-  ``plgpu.load``, layout-annotated iota, ``run_state`` nor wgmma with a transposed or register
-  operand, so under ``interpret=True`` the helpers ``matmul_nt`` / ``matmul_acc`` / ``hint`` /
-  ``iota`` / ``load_vector`` replace just those operations by plain ``jnp`` on the same SMEM
-  refs. Everything else (block bounds, pipelines, barriers, masking, sink, GQA, lse, stores) is
-  the code that runs compiled. Known interpreter limits: it recompiles each CTA's thread bodies
-  (the tests cache them), and with several interpreted kernels in one XLA program it can deadlock
-  on a 2-core host (the tests dispatch each kernel on its own).
-* The compiled path (wgmma, layouts) of all three kernels is checked by lowering to "cuda" from
-  the CPU host.
-* Not yet compiled or run on an H100/H200 (no GPU was available when this was written): run
-  ``bench/gpu_check.sh`` (step (a) runs these tests compiled, step (b) benchmarks "mgpu" fwd+bwd
-  against XLA dense / banded and times decode).
-
-  Known risk: ``attention_mgpu`` refuses causal masking on CUDA runtimes 12.8.0 - 12.9.0 because
-  of a ptxas miscompilation; these kernels mask the same way (iota compares), so check the CUDA
-  version first if compiled results are wrong. Register pressure of the dk/dv kernel with
-  H = 192, P = 128 (f32 dk + dv accumulators of 160 registers per thread) may spill.
-
-Remaining work: tuning block sizes / stages / schedule barrier on hardware; per-warpgroup kv
-ranges (the CTA-wide range wastes up to one kv block per warpgroup on sliding-window layers); the
-FlashAttention-3 ping-pong in the backward kernels (only the forward alternates its warpgroups).
+Known risks on hardware (none of these kernels has run on a GPU yet): ``attention_mgpu`` refuses
+causal masking on CUDA runtimes 12.8.0 - 12.9.0 because of a ptxas miscompilation, and these
+kernels mask the same way (iota compares); the dk/dv kernel with H = 192, P = 128 holds f32 dk and
+dv accumulators of 160 registers per thread and may spill.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_common import NT_DIMS, kv_block_bounds, pad_axis
+from pallas_kernels import flash_mgpu_bwd
+from pallas_kernels.flash_common import kv_block_bounds, pad_axis
+from pallas_kernels.flash_mgpu_common import (
+    COMPUTE_WGS,
+    LN2,
+    LOG2E,
+    MASK_VALUE,
+    MgpuBlockSizes,
+    check_inputs,
+    hint,
+    interpret_params,
+    iota,
+    layouts,
+    load_vector,
+    matmul_acc,
+    matmul_nt,
+    mgpu_block_sizes,
+    stream_kv,
+)
 
-__all__ = ["MgpuBlockSizes", "check_inputs", "flash_forward_mgpu", "mgpu_block_sizes"]
-
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-# Masked logit in the base-2 domain. Finite so that rows whose first blocks are fully masked get
-# exp2(MASK - MASK) = 1 instead of NaN; those junk terms are scaled by exp2(MASK - m) = 0 as soon
-# as the row sees a real key (every real query sees at least itself).
-MASK_VALUE = -1e30
-COMPUTE_WGS = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class MgpuBlockSizes:
-    """Tiles of the Mosaic GPU forward.
-
-    Attributes:
-      block_q: query rows per compute warpgroup of the forward and dq kernels (a CTA covers
-        ``2 * block_q`` rows).
-      block_kv: keys per pipeline stage of the forward and dq kernels.
-      block_q_dkv: query rows per pipeline stage of the dk/dv kernel.
-      block_kv_dkv: keys per compute warpgroup of the dk/dv kernel (a CTA covers
-        ``2 * block_kv_dkv`` keys).
-      block_kv_decode: cache slots per pipeline stage of the decode kernel.
-      stages: blocks in flight (SMEM ring depth). With H = 192, P = 128, bf16 and the defaults the
-        forward holds q 48 KiB + o 32 KiB + stages * 40 KiB of k/v; dq and dk/dv about as much.
-      schedule_barrier: make the two compute warpgroups of the forward alternate between wgmma and
-        softmax (FlashAttention-3 ping-pong), as ``attention_mgpu`` does.
-    """
-
-    block_q: int = 64
-    block_kv: int = 64
-    block_q_dkv: int = 64
-    block_kv_dkv: int = 64
-    block_kv_decode: int = 64
-    stages: int = 2
-    schedule_barrier: bool = True
-
-    def __post_init__(self):
-        for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_kv_decode"):
-            size = getattr(self, name)
-            # wgmma works on 64-row warpgroup tiles and 64-wide swizzled bf16 columns.
-            if not isinstance(size, int) or size <= 0 or size % 64:
-                raise ValueError(f"{name} must be a positive multiple of 64, got {size!r}")
-        if self.stages < 1:
-            raise ValueError(f"stages must be >= 1, got {self.stages}")
-
-
-def mgpu_block_sizes(block_sizes) -> MgpuBlockSizes:
-    """The tiles of an "mgpu" call: ``MgpuBlockSizes`` as given, the defaults for None.
-
-    Raises:
-      ValueError: for another type (e.g. the pallas_call kernels' ``flash_common.BlockSizes``,
-        whose 8-row tiles wgmma cannot use).
-    """
-    if block_sizes is None:
-        return MgpuBlockSizes()
-    if not isinstance(block_sizes, MgpuBlockSizes):
-        raise ValueError(
-            f"mode='mgpu' takes block_sizes=flash_mgpu.MgpuBlockSizes(...), got {block_sizes!r}"
-        )
-    return block_sizes
-
-
-def check_inputs(q, k, v):
-    """Raises ValueError for operands outside the Mosaic GPU kernels' domain (no silent fallback).
-
-    Args:
-      q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, P].
-    """
-    dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if len(dtypes) != 1 or dtypes.pop() not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(
-            "the Mosaic GPU kernels need q, k, v all bf16 or all f16 (wgmma takes 16-bit "
-            f"operands); got q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}. Cast them, "
-            "or use implementation='xla'."
-        )
-    h, p = q.shape[-1], v.shape[-1]
-    if h % 64 or p % 64:
-        raise ValueError(
-            f"the Mosaic GPU kernels need head dims that are multiples of 64 (one 128-byte "
-            f"swizzled bf16 tile); got H=q.shape[-1]={h}, P=v.shape[-1]={p}. Use "
-            "implementation='xla' for other sizes."
-        )
-
-
-def interpret_params(interpret: bool):
-    """``plgpu.kernel``'s ``interpret`` argument: the Mosaic GPU interpreter's params or None."""
-    if not interpret:
-        return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
-
-    return InterpretGPUParams()
-
-
-# --------------------------------------------------------------------------------------------
-# Operations that the Mosaic GPU interpreter (jax 0.10) lacks: the compiled form, and a plain-jnp
-# stand-in on the same SMEM refs under interpret.
-# --------------------------------------------------------------------------------------------
-
-
-def hint(x, layout, interpret):
-    """Pins a register value to a WGMMA layout (the lowering cannot always infer it)."""
-    if interpret:
-        return x
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    return plgpu.layout_cast(x, layout)
-
-
-def layouts():
-    """(accumulator layout, one-value-per-row layout) of a wgmma result."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    return plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
-
-
-def iota(shape, dim, interpret):
-    """int32 iota along ``dim`` of a 2-D tile, in the WGMMA accumulator layout."""
-    if interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, dim)
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-
-def load_vector(ref, interpret, axis=1):
-    """A 1-D SMEM vector in registers, laid out to broadcast against a wgmma accumulator.
-
-    Args:
-      ref: [n] SMEM ref (f32 or int32).
-      interpret: plain load under the interpreter.
-      axis: 1: one value per accumulator row (``n`` = rows); 0: one per column.
-
-    Returns:
-      [n] value.
-    """
-    if interpret:
-        return ref[...]
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
-
-
-def matmul_nt(a_smem, b_smem, interpret):
-    """a @ b^T with both operands in SMEM (wgmma reads b through a transposed view).
-
-    Args:
-      a_smem: [m, d] SMEM ref; b_smem: [n, d] SMEM ref (m = 64 rows per warpgroup).
-
-    Returns:
-      f32 [m, n] in the WGMMA layout.
-    """
-    if interpret:
-        return lax.dot_general(
-            a_smem[...], b_smem[...], NT_DIMS, preferred_element_type=jnp.float32
-        )
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    def compute(acc_ref):
-        plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
-        return acc_ref[...]
-
-    return pl.run_scoped(compute, plgpu.ACC((a_smem.shape[0], b_smem.shape[0]), jnp.float32))
-
-
-def matmul_acc(acc, a, b_smem, interpret):
-    """acc + a @ b with ``a`` in registers.
-
-    Args:
-      acc: f32 [m, n]; a: [m, k] in b's dtype (WGMMA layout); b_smem: [k, n] SMEM ref.
-
-    Returns:
-      f32 [m, n].
-    """
-    if interpret:
-        return acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    def compute(acc_ref):
-        plgpu.wgmma(acc_ref, a, b_smem)
-
-    return pl.run_state(compute)(plgpu.ACC.init(acc))
-
-
-def produce(n_steps, stages, groups):
-    """Memory warpgroup body: streams ``n_steps`` pipeline steps through a ``stages``-deep ring.
-
-    Step i goes to slot i % stages. The first ``stages`` steps are issued at once; step i >= stages
-    reuses its slot after the compute warpgroups have arrived on the slot's "free" barriers.
-
-    Args:
-      n_steps: traced int, number of steps (may be 0).
-      stages: ring depth.
-      groups: sequence of (free barrier ref [stages], issue(step, slot)): each ``issue`` starts the
-        TMA copies of one step into one slot; its copies wait for that group's free barrier only.
-    """
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    def first(i):
-        for _, issue in groups:
-            issue(i, i)
-
-    for i in range(stages):
-        pl.when(i < n_steps)(functools.partial(first, i))
-
-    @pl.loop(0, jnp.maximum(n_steps - stages, 0))
-    def _refill(i):
-        slot = lax.rem(i, jnp.asarray(stages, i.dtype))
-        for free, issue in groups:
-            plgpu.barrier_wait(free.at[slot])  # every compute warpgroup is done with the slot
-            issue(i + stages, slot)
-
-    # Observe the last phases of the "free" barriers too, so every barrier phase has been
-    # waited on by the end of the kernel (the interpreter checks this; free on hardware).
-    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-    def _drain(i):
-        slot = lax.rem(i, jnp.asarray(stages, i.dtype))
-        for free, _ in groups:
-            plgpu.barrier_wait(free.at[slot])
-
-
-def stream_kv(kv_refs, smems, bars, frees, *, b, n, groups, lo, bk, n_steps, stages):
-    """Memory warpgroup of the forward and dq kernels: streams kv blocks ``lo .. lo + n_steps``
-    of query head n's kv head (n // groups) through the SMEM rings with TMA.
-
-    Args:
-      kv_refs: (k_ref [B, Sp, K, H], v_ref [B, Sp, K, P]) in GMEM.
-      smems: their SMEM rings [stages, bk, ...].
-      bars: their "loaded" barriers [stages].
-      frees: their "consumed" barriers [stages].
-      b, n: batch row and query head of this CTA.
-      groups: query heads per kv head (G).
-      lo: first kv block; bk: kv block size.
-      n_steps: traced number of kv blocks; stages: ring depth.
-    """
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(n, jnp.asarray(groups, n.dtype))
-
-    def issue(ref, smem, bar):
-        def start(step, slot):
-            rows = (b, pl.ds((lo + step) * bk, bk), kv_head)
-            plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
-
-        return start
-
-    produce(n_steps, stages, [
-        (free, issue(ref, smem, bar))
-        for ref, smem, bar, free in zip(kv_refs, smems, bars, frees, strict=True)
-    ])  # fmt: skip
-
+__all__ = ["flash_attention_mgpu", "flash_forward_mgpu"]
 
 # --------------------------------------------------------------------------------------------
 # Kernel.
@@ -345,7 +88,6 @@ def _kernel(
 ):
     (q_smem2, o_smem2, k_smem, v_smem, rows_smem2), barriers = scoped
     q_bars, sink_bars, k_bars, v_bars, k_free, v_free, schedule = barriers
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
     bq, bk, stages = bs.block_q, bs.block_kv, bs.stages
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
@@ -449,7 +191,7 @@ def flash_forward_mgpu(
     block_sizes: MgpuBlockSizes | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Forward flash attention on Hopper through Mosaic GPU (default positions, as ``flash``).
+    """Forward flash attention on Hopper through Mosaic GPU (default positions), without a VJP.
 
     Args:
       q: [B, T, N, H] queries, bf16 or f16, H a multiple of 64.
@@ -465,9 +207,8 @@ def flash_forward_mgpu(
     Returns:
       o [B, T, N, P] in q's dtype and lse [B, N, T] f32 (natural log, sink term included).
     """
-    bs = block_sizes or MgpuBlockSizes()
+    bs = mgpu_block_sizes(block_sizes)
     check_inputs(q, k, v)
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
     b, t, n, h = q.shape
     s, kv_heads, p_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -536,3 +277,93 @@ def flash_forward_mgpu(
         interpret=interpret_params(interpret),
     )(qp, kp, vp, sink_rows)
     return o[:, :t], lse[:, :, :t]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static arguments of ``flash_attention_mgpu``: the nondiff argument of its custom VJP."""
+
+    window: int | None
+    causal: bool
+    scale: float
+    has_sinks: bool
+    block_sizes: MgpuBlockSizes
+    interpret: bool
+
+    def kwargs(self) -> dict:
+        return dict(
+            sliding_window=self.window,
+            causal=self.causal,
+            scale=self.scale,
+            block_sizes=self.block_sizes,
+            interpret=self.interpret,
+        )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, sinks, cfg: _Config):
+    return _flash_fwd(q, k, v, sinks, cfg)[0]
+
+
+def _flash_fwd(q, k, v, sinks, cfg: _Config):
+    out, lse = flash_forward_mgpu(q, k, v, sinks if cfg.has_sinks else None, **cfg.kwargs())
+    return out, (q, k, v, sinks, out, lse)  # lse: [B, N, T]
+
+
+def _flash_bwd(cfg: _Config, res, do):
+    q, k, v, sinks, out, lse = res
+    dq, dk, dv, dsinks = flash_mgpu_bwd.flash_backward_mgpu(
+        q, k, v, sinks if cfg.has_sinks else None, out, lse, do, **cfg.kwargs()
+    )
+    return dq, dk, dv, jnp.zeros_like(sinks) if dsinks is None else dsinks
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention_mgpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    sinks: jax.Array | None = None,
+    *,
+    sliding_window: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    block_sizes: MgpuBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Prefill / training flash attention on Hopper (default positions), differentiable.
+
+    Args:
+      q: [B, T, N, H] queries, bf16 or f16, H a multiple of 64.
+      k: [B, S, K, H] keys (N a multiple of K), same dtype.
+      v: [B, S, K, P] values, P a multiple of 64, same dtype.
+      sinks: optional [N] sink logits.
+      sliding_window: visible keys per query counting itself, or None for global attention.
+      causal: mask keys after the query.
+      scale: logit scale, default H ** -0.5.
+      block_sizes: tiles, default ``MgpuBlockSizes()``.
+      interpret: run in the Mosaic GPU interpreter (CPU) instead of compiling for sm90.
+
+    Returns:
+      [B, T, N, P] in q's dtype; differentiable in q, k, v and sinks (forward of
+      ``flash_forward_mgpu``, backward of ``flash_mgpu_bwd``).
+
+    Raises:
+      ValueError: for inputs outside the kernels' domain (``flash_mgpu_common.check_inputs``) or
+        block sizes that are not ``MgpuBlockSizes``.
+    """
+    check_inputs(q, k, v)
+    cfg = _Config(
+        window=sliding_window,
+        causal=causal,
+        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+        has_sinks=sinks is not None,
+        block_sizes=mgpu_block_sizes(block_sizes),
+        interpret=interpret,
+    )
+    if sinks is None:
+        # A stand-in so the custom VJP has a fixed signature; its cotangent is dropped.
+        sinks = jnp.zeros((q.shape[2],), jnp.float32)
+    return _flash(q, k, v, sinks, cfg)

@@ -26,7 +26,7 @@ The sink gradient needs only lse and delta (derivation in ``flash_bwd``'s docstr
 dsinks[n] = -sum_{b, i} exp(sink_n - lse_bni) * delta_bni, an O(B * N * T) XLA reduction.
 
 Under ``interpret=True`` the kernels run in the Mosaic GPU interpreter with the same jnp
-stand-ins as the forward (``flash_mgpu.matmul_nt`` and friends).
+stand-ins as the forward (``flash_mgpu_common.matmul_nt`` and friends).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_mgpu as fm
+from pallas_kernels import flash_mgpu_common as fm
 from pallas_kernels.flash_common import kv_block_bounds, pad_axis, q_block_bounds
 
 __all__ = ["flash_backward_mgpu"]
@@ -91,8 +92,6 @@ def _dq_kernel(
 ):
     (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), barriers = scoped
     row_bars, k_bars, v_bars, k_free, v_free = barriers
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
     bq, bk, stages = bs.block_q, bs.block_kv, bs.stages
     b, n, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
@@ -176,8 +175,6 @@ def _dkdv_kernel(
 ):
     (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), barriers = scoped
     kv_bars, q_bars, do_bars, lse_bars, delta_bars, free = barriers
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
     bq, bk, stages = bs.block_q_dkv, bs.block_kv_dkv, bs.stages
     b, kh, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
     wg = lax.axis_index("wg")
@@ -263,8 +260,6 @@ def _dkdv_kernel(
 
 
 def _kernel_call(body, operands, out_type, scratch, barriers, grid, grid_names, interpret):
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
     n_scratch = len(scratch)
 
     def entry(*refs):
@@ -320,10 +315,8 @@ def flash_backward_mgpu(
       (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, P], dsinks [N] or None), typed like the
       inputs.
     """
-    bs = block_sizes or fm.MgpuBlockSizes()
+    bs = fm.mgpu_block_sizes(block_sizes)
     fm.check_inputs(q, k, v)
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
     b, t, n, h = q.shape
     s, kv_heads, p_dim = k.shape[1], k.shape[2], v.shape[3]
     groups = n // kv_heads

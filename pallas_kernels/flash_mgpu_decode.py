@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_mgpu as fm
+from pallas_kernels import flash_mgpu_common as fm
 from pallas_kernels.flash_common import forward_only, pad_axis
 
 __all__ = ["decode_attention_mgpu"]
@@ -61,8 +62,6 @@ def _decode_kernel(
 ):
     (q_smem, o_smem, qpos_smem, lse_smem, k_smem, v_smem, pos_smem), barriers = scoped
     q_bar, qpos_bar, k_bars, pos_bars, v_bars, k_free, v_free = barriers
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
     b, split, cell = lax.axis_index("batch"), lax.axis_index("split"), lax.axis_index("rows")
     wg = lax.axis_index("wg")
     kh = lax.div(cell, jnp.asarray(row_tiles, cell.dtype))
@@ -148,8 +147,6 @@ def _pick_splits(num_blocks: int, ctas_per_split: int, num_splits: int | None) -
 
 def _decode(q, k, v, sinks, q_positions, kv_positions, cfg):
     """The kernel plus the split / sink merge; see ``decode_attention_mgpu``."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-
     causal, window, scale, bs, num_splits, interpret = cfg
     b, t, n, h = q.shape
     s, kv_heads, p_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -276,7 +273,7 @@ def decode_attention_mgpu(
         causal,
         sliding_window,
         float(q.shape[-1] ** -0.5 if scale is None else scale),
-        block_sizes or fm.MgpuBlockSizes(),
+        fm.mgpu_block_sizes(block_sizes),
         num_splits,
         interpret,
     )

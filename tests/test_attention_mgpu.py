@@ -1,13 +1,13 @@
-"""Mosaic GPU kernels (``pallas_kernels.flash_mgpu*``: forward, backward, decode) vs the fp32
-reference.
+"""Mosaic GPU kernels (``kernel="mgpu"``: ``pallas_kernels.flash_mgpu*``, forward, backward,
+decode) vs the fp32 reference.
 
 On CPU the kernels run in the Mosaic GPU interpreter (warpgroups as threads, simulated SMEM, TMA and
 barriers; the few ops the interpreter lacks are swapped for jnp on the same refs, see
-``flash_mgpu``'s docstring), and the compiled path is checked by lowering it for "cuda" from the CPU
-host. With ``MIMO_PALLAS_INTERPRET=0`` on a Hopper GPU the same tests run the compiled kernels.
-The interpreter is slow, so shapes are small: 128-row CTAs, 64-key blocks, head dims 64 (192 / 128
-once), and every kernel runs in its own dispatch (no outer ``jax.jit``): with several interpreted
-kernels in one XLA program the jax 0.10 interpreter can deadlock on a 2-core host.
+``flash_mgpu_common``'s docstring), and the compiled path is checked by lowering it for "cuda" from
+the CPU host. With ``MIMO_PALLAS_INTERPRET=0`` on a Hopper GPU the same tests run the compiled
+kernels. The interpreter is slow, so shapes are small: 128-row CTAs, 64-key blocks, head dims 64
+(192 / 128 once), and every kernel runs in its own dispatch (no outer ``jax.jit``): with several
+interpreted kernels in one XLA program the jax 0.10 interpreter can deadlock on a 2-core host.
 """
 
 import dataclasses
@@ -16,13 +16,23 @@ import threading
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from attention_testing import assert_close, random_inputs, rtol
 
-from pallas_kernels import attention_reference, flash, flash_mgpu, flash_mgpu_decode
+from pallas_kernels import (
+    attention,
+    attention_reference,
+    default_interpret,
+    default_kernel,
+    flash_mgpu,
+    flash_mgpu_decode,
+)
+from pallas_kernels.flash_common import BlockSizes
+from pallas_kernels.flash_mgpu_common import MgpuBlockSizes
 from pallas_kernels.reference import visibility_mask
 
-TOL = 2e-2  # bf16 / f16 inputs and output
+# The logsumexp is accumulated in fp32 from the same 16-bit products as the reference's.
+LSE_RTOL = 1e-5
 
 
 def _on_hopper() -> bool:
@@ -31,7 +41,7 @@ def _on_hopper() -> bool:
     return getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
 
 
-INTERPRET = flash.resolve_interpret()
+INTERPRET = default_interpret()
 if not INTERPRET and not _on_hopper():
     pytest.skip(
         "compiled Mosaic GPU kernels need an sm90 GPU; on CPU the interpreter runs them",
@@ -114,13 +124,14 @@ class Case:
 
 def _inputs(c: Case, seed=0):
     s = c.t if c.s is None else c.s
-    ks = jax.random.split(jax.random.key(seed), 5)
-    q = jax.random.normal(ks[0], (c.b, c.t, c.n, c.h), jnp.float32).astype(c.dtype)
-    k = jax.random.normal(ks[1], (c.b, s, c.k, c.h), jnp.float32).astype(c.dtype)
-    v = jax.random.normal(ks[2], (c.b, s, c.k, c.p), jnp.float32).astype(c.dtype)
-    sinks = jax.random.normal(ks[3], (c.n,), jnp.float32) if c.sinks else None
-    ct = jax.random.normal(ks[4], (c.b, c.t, c.n, c.p), jnp.float32).astype(c.dtype)
-    return q, k, v, sinks, ct
+    return random_inputs(
+        seed, b=c.b, t=c.t, s=s, n=c.n, k=c.k, h=c.h, p=c.p, dtype=c.dtype, sinks=c.sinks
+    )
+
+
+def _mgpu(q, k, v, **kw):
+    """The front door with the Mosaic GPU kernels (interpreted on CPU)."""
+    return attention(q, k, v, **kw, implementation="pallas", kernel="mgpu", interpret=INTERPRET)
 
 
 def _reference_lse(q, k, sinks, c: Case):
@@ -136,15 +147,6 @@ def _reference_lse(q, k, sinks, c: Case):
         sink = jnp.broadcast_to(sinks[None, :, None, None], (*logits.shape[:3], 1))
         logits = jnp.concatenate([logits, sink], axis=-1)
     return jax.nn.logsumexp(logits, axis=-1)
-
-
-def _assert_close(got, want, tol, name):
-    got = np.asarray(jnp.asarray(got, jnp.float32))
-    want = np.asarray(jnp.asarray(want, jnp.float32))
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    assert np.all(np.isfinite(got)), f"{name}: non-finite values"
-    diff = float(np.max(np.abs(got - want)))
-    assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.0e}"
 
 
 CASES = {
@@ -171,8 +173,8 @@ def test_forward_and_lse_match_reference(name):
         q, k, v, sinks
     )
     assert o.dtype == q.dtype
-    _assert_close(o, want, TOL, f"{name} out")
-    _assert_close(lse, _reference_lse(q, k, sinks, c), TOL, f"{name} lse")
+    assert_close(o, want, rtol(c.dtype), f"{name} out")
+    assert_close(lse, _reference_lse(q, k, sinks, c), LSE_RTOL, f"{name} lse")
 
 
 BWD_CASES = {
@@ -186,15 +188,15 @@ BWD_CASES = {
 
 
 @pytest.mark.parametrize("name", list(BWD_CASES))
-def test_mode_mgpu_gradients_match_reference(name):
-    """``flash_attention(mode="mgpu")``: Mosaic GPU forward and backward (dq, dk/dv kernels, dsinks
+def test_gradients_match_reference(name):
+    """``attention(kernel="mgpu")``: Mosaic GPU forward and backward (dq, dk/dv kernels, dsinks
     from lse) through the custom VJP, vs the fp32 reference's gradients."""
     c = BWD_CASES[name]
     q, k, v, sinks, ct = _inputs(c, seed=1)
     kw = dict(sliding_window=c.window, causal=c.causal)
 
     def mgpu(q, k, v, sinks):
-        return flash.flash_attention(q, k, v, sinks=sinks, **kw, mode="mgpu", interpret=INTERPRET)
+        return _mgpu(q, k, v, sinks=sinks, **kw)
 
     def reference(q, k, v, sinks):
         return attention_reference(q, k, v, sinks=sinks, **kw)
@@ -208,7 +210,7 @@ def test_mode_mgpu_gradients_match_reference(name):
             assert g is None, f"{name}: dsinks without sinks"
             continue
         assert g.dtype == w.dtype, f"{name} {label}: dtype {g.dtype} != {w.dtype}"
-        _assert_close(g, w, TOL, f"{name} {label}")
+        assert_close(g, w, rtol(c.dtype), f"{name} {label}")
 
 
 def _ring_cache(b, slots, ends, seed=2):
@@ -237,11 +239,9 @@ DECODE_CASES = {
 def test_decode_ring_buffer_matches_reference(name):
     d = DECODE_CASES[name]
     b, t, n, kv_heads, h, p, slots = 2, d["t"], 4, 2 if d["sinks"] else 1, 64, 128, 108
-    ks = jax.random.split(jax.random.key(3), 4)
-    q = jax.random.normal(ks[0], (b, t, n, h), jnp.float32).astype(jnp.bfloat16)
-    k = jax.random.normal(ks[1], (b, slots, kv_heads, h), jnp.float32).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (b, slots, kv_heads, p), jnp.float32).astype(jnp.bfloat16)
-    sinks = jax.random.normal(ks[3], (n,), jnp.float32) if d["sinks"] else None
+    q, k, v, sinks, _ = random_inputs(
+        3, b=b, t=t, s=slots, n=n, k=kv_heads, h=h, p=p, dtype=jnp.bfloat16, sinks=d["sinks"]
+    )
     kv_pos = _ring_cache(b, slots, d["ends"])
     q_pos = (jnp.asarray(d["ends"])[:, None] - t + jnp.arange(t)[None]).astype(jnp.int32)
     if d["window"] is None:
@@ -249,8 +249,8 @@ def test_decode_ring_buffer_matches_reference(name):
         kv_pos = jnp.where(jnp.arange(slots)[None] < jnp.asarray(d["ends"])[:, None], kv_pos, -1)
     kw = dict(sinks=sinks, sliding_window=d["window"], q_positions=q_pos, kv_positions=kv_pos)
     if d["splits"] is None:
-        # The front door: flash_decode.decode_attention dispatches "mgpu" to flash_mgpu_decode.
-        got = flash.attention_pallas(q, k, v, **kw, mode="mgpu", interpret=INTERPRET)
+        # The front door: positions and kernel="mgpu" dispatch to flash_mgpu_decode.
+        got = _mgpu(q, k, v, **kw)
     else:
         got = flash_mgpu_decode.decode_attention_mgpu(
             q,
@@ -265,20 +265,31 @@ def test_decode_ring_buffer_matches_reference(name):
         )
     want = jax.jit(lambda: attention_reference(q, k, v, **kw))()
     assert got.dtype == q.dtype
-    _assert_close(got, want, TOL, f"{name} decode")
+    assert_close(got, want, rtol(q.dtype), f"{name} decode")
 
 
-def test_mode_selection(monkeypatch):
-    monkeypatch.setenv("MIMO_PALLAS_MODE", "mgpu")
-    assert flash.resolve_mode() == "mgpu"
-    monkeypatch.setenv("MIMO_PALLAS_MODE", "triton")
-    with pytest.raises(ValueError, match="'mgpu'"):
-        flash.resolve_mode()
-    monkeypatch.delenv("MIMO_PALLAS_MODE")
-    # The default schedule: Mosaic GPU on GPU backends, the grid schedule elsewhere.
-    for backend, mode in (("gpu", "mgpu"), ("cuda", "mgpu"), ("tpu", "grid"), ("cpu", "grid")):
+def test_kernel_and_interpret_selection(monkeypatch):
+    # The default kernel: Mosaic GPU on GPU backends, the Pallas TPU kernels elsewhere.
+    for backend, kernel in (("gpu", "mgpu"), ("cuda", "mgpu"), ("tpu", "tpu"), ("cpu", "tpu")):
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-        assert flash.resolve_mode() == mode, backend
+        assert default_kernel() == kernel, backend
+    # Interpretation: MIMO_PALLAS_INTERPRET wins, else only on CPU; nonsense is refused.
+    monkeypatch.setenv("MIMO_PALLAS_INTERPRET", "1")
+    assert default_interpret()
+    monkeypatch.setenv("MIMO_PALLAS_INTERPRET", "0")
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert not default_interpret()
+    monkeypatch.delenv("MIMO_PALLAS_INTERPRET")
+    assert default_interpret()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not default_interpret()
+    monkeypatch.setenv("MIMO_PALLAS_INTERPRET", "maybe")
+    with pytest.raises(ValueError, match="MIMO_PALLAS_INTERPRET"):
+        default_interpret()
+    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    kv = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        attention(q, kv, kv, implementation="pallas", kernel="triton")
 
 
 def _model_shapes(t, dtype, sinks):
@@ -313,9 +324,10 @@ def test_forward_and_backward_lower_for_cuda(name, t, window, sinks, dtype):
     assert _cuda_kernels(fwd, q, k, v, s)[0] == 1, f"{name}: no Mosaic GPU forward"
 
     def loss(q, k, v, s):
-        o = flash.flash_attention(
-            q, k, v, sinks=s, sliding_window=window, mode="mgpu", interpret=False
-        )
+        o = attention(
+            q, k, v, sinks=s, sliding_window=window, implementation="pallas", kernel="mgpu",
+            interpret=False,
+        )  # fmt: skip
         return jnp.sum(o.astype(jnp.float32))
 
     # Forward + dq + dk/dv kernels, and no Triton call anywhere.
@@ -333,7 +345,7 @@ def test_decode_lowers_for_cuda():
     s = jax.ShapeDtypeStruct((64,), jnp.float32)
 
     def f(q, k, v, pq, pk, s):
-        return flash.attention_pallas(
+        return attention(
             q,
             k,
             v,
@@ -341,7 +353,8 @@ def test_decode_lowers_for_cuda():
             sliding_window=128,
             q_positions=pq,
             kv_positions=pk,
-            mode="mgpu",
+            implementation="pallas",
+            kernel="mgpu",
             interpret=False,
         )
 
@@ -355,23 +368,20 @@ def test_rejects_unsupported_inputs():
     with pytest.raises(ValueError, match=r"multiples of 64.*H=q.shape\[-1\]=48"):
         flash_mgpu.flash_forward_mgpu(q, kv, kv, interpret=True)
     with pytest.raises(ValueError, match="multiples of 64"):
-        flash.flash_attention(q, kv, kv, mode="mgpu", interpret=True)
+        _mgpu(q, kv, kv)
     q = jnp.zeros((1, 64, 2, 64), jnp.float32)
     kv = jnp.zeros((1, 64, 1, 64), jnp.float32)
     with pytest.raises(ValueError, match="q.dtype=float32"):
-        flash.flash_attention(q, kv, kv, mode="mgpu", interpret=True)
+        _mgpu(q, kv, kv)
     pos = jnp.zeros((1, 64), jnp.int32)
     with pytest.raises(ValueError, match="bf16 or all f16"):
-        flash.attention_pallas(
-            q, kv, kv, q_positions=pos, kv_positions=pos, mode="mgpu", interpret=True
-        )
+        _mgpu(q, kv, kv, q_positions=pos, kv_positions=pos)
     with pytest.raises(ValueError, match="MgpuBlockSizes"):
-        flash.flash_attention(
+        _mgpu(
             q.astype(jnp.bfloat16),
             kv.astype(jnp.bfloat16),
             kv.astype(jnp.bfloat16),
-            mode="mgpu",
-            block_sizes=flash.BlockSizes.uniform(32),
+            block_sizes=BlockSizes.uniform(32),
         )
     with pytest.raises(ValueError, match="block_q must be a positive multiple of 64"):
-        flash_mgpu.MgpuBlockSizes(block_q=32)
+        MgpuBlockSizes(block_q=32)

@@ -1,8 +1,9 @@
-"""Pallas flash attention vs the fp32 reference: forward, dq, dk, dv, dsinks, and decode.
+"""Pallas TPU flash attention (``kernel="tpu"``) vs the fp32 reference: forward, dq, dk, dv,
+dsinks, and decode.
 
-On CPU the kernels run in Pallas interpret mode (chosen automatically); on an accelerator set
-``MIMO_PALLAS_INTERPRET=0`` to run them compiled (see ``bench/gpu_check.sh``). Dimensions are tiny
-and prime-ish, tiles are 16 so every case spans several q and kv blocks and windows cut blocks.
+On CPU the kernels run in the Pallas interpreter (the front door's default there); on a TPU set
+``MIMO_PALLAS_INTERPRET=0`` to run them compiled. Dimensions are tiny and prime-ish, tiles are 16
+so every case spans several q and kv blocks and windows cut blocks.
 """
 
 import dataclasses
@@ -11,12 +12,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_testing import assert_close, random_inputs, rtol
 
-from pallas_kernels import attention, attention_reference, flash
+from pallas_kernels import attention, attention_reference, default_interpret, flash
+from pallas_kernels.flash_common import BlockSizes, kv_block_bounds, num_kv_steps, q_block_bounds
 from pallas_kernels.reference import visibility_mask
 
-BLOCKS = flash.BlockSizes.uniform(16)
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+BLOCKS = BlockSizes.uniform(16)
+INTERPRET = default_interpret()
+if not INTERPRET and jax.default_backend() != "tpu":
+    pytest.skip(
+        "compiled Pallas TPU kernels need a TPU; elsewhere the interpreter runs them",
+        allow_module_level=True,
+    )
+
+
+def _pallas(q, k, v, **kw):
+    """The front door with the Pallas TPU kernels (interpreted on CPU)."""
+    return attention(q, k, v, **kw, implementation="pallas", kernel="tpu")
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +45,7 @@ def _fast_interpret_compiles():
     # passes dominate the test time, so skip them (only when interpreting).
     name = "jax_disable_most_optimizations"
     old = jax.config.values.get(name)
-    if old is None or not flash.resolve_interpret():
+    if old is None or not INTERPRET:
         yield  # compiled kernels: keep XLA's defaults (and tolerate the flag going away)
         return
     jax.config.update(name, True)
@@ -40,24 +53,6 @@ def _fast_interpret_compiles():
         yield
     finally:
         jax.config.update(name, old)
-
-
-def _skip_if_not_runnable(mode):
-    """Compiled kernels exist per backend: "grid" on TPU, "loop" (Triton) on GPU."""
-    if mode is None or flash.resolve_interpret():
-        return
-    native = flash.resolve_mode()
-    if mode != native:
-        pytest.skip(f"mode {mode!r} is not compiled on {jax.default_backend()} ({native!r} is)")
-
-
-def _assert_close(got, want, tol, name):
-    got = np.asarray(jnp.asarray(got, jnp.float32))
-    want = np.asarray(jnp.asarray(want, jnp.float32))
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    assert np.all(np.isfinite(got)), f"{name}: non-finite values in the Pallas result"
-    diff = float(np.max(np.abs(got - want))) if got.size else 0.0
-    assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.0e}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +68,7 @@ class Case:
     sinks: bool = True
     causal: bool = True
     dtype: type = jnp.float32
-    mode: str | None = None  # None: the backend's default schedule
-    blocks: flash.BlockSizes = BLOCKS
+    blocks: BlockSizes = BLOCKS
 
 
 CASES = {
@@ -85,31 +79,23 @@ CASES = {
     "t1_swa_sinks": Case(t=1, s=37, k=4, window=5),
     "swa_non_causal": Case(t=37, window=7, causal=False),
     "mixed_tiles_t_lt_s_g3": Case(
-        t=50, s=61, n=6, k=2, window=17, blocks=flash.BlockSizes(16, 32, 32, 16, 16)
+        t=50, s=61, n=6, k=2, window=17, blocks=BlockSizes(16, 32, 32, 16, 16)
     ),
     "bf16_swa_sinks_gqa": Case(t=45, dtype=jnp.bfloat16),
-    "loop_swa_sinks_gqa": Case(b=2, t=45, mode="loop"),
-    "loop_bf16_global_mqa": Case(
-        t=37, k=1, window=None, sinks=False, dtype=jnp.bfloat16, mode="loop"
-    ),
+    "swa_sinks_gqa_batch2": Case(b=2, t=45),
+    "bf16_global_mqa_no_sinks": Case(t=37, k=1, window=None, sinks=False, dtype=jnp.bfloat16),
 }
 
 
 def _inputs(c: Case, seed=0):
     s = c.t if c.s is None else c.s
-    ks = jax.random.split(jax.random.key(seed), 5)
-    q = jax.random.normal(ks[0], (c.b, c.t, c.n, c.h), jnp.float32).astype(c.dtype)
-    k = jax.random.normal(ks[1], (c.b, s, c.k, c.h), jnp.float32).astype(c.dtype)
-    v = jax.random.normal(ks[2], (c.b, s, c.k, c.p), jnp.float32).astype(c.dtype)
-    sinks = jax.random.normal(ks[3], (c.n,), jnp.float32)
-    ct = jax.random.normal(ks[4], (c.b, c.t, c.n, c.p), jnp.float32).astype(c.dtype)
-    return q, k, v, sinks, ct
+    # The sinks are drawn even when unused: the VJP signature stays (q, k, v, sinks).
+    return random_inputs(seed, b=c.b, t=c.t, s=s, n=c.n, k=c.k, h=c.h, p=c.p, dtype=c.dtype)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_and_gradients_match_reference(name):
     c = CASES[name]
-    _skip_if_not_runnable(c.mode)
     q, k, v, sinks, ct = _inputs(c)
 
     def run(fn):
@@ -126,29 +112,25 @@ def test_forward_and_gradients_match_reference(name):
         o, vjp = jax.vjp(f, q, k, v, sinks)
         return (o, *vjp(ct))
 
-    pallas = jax.jit(
-        lambda: run(
-            lambda *a, **kw: flash.attention_pallas(*a, **kw, block_sizes=c.blocks, mode=c.mode)
-        )
-    )()
+    pallas = jax.jit(lambda: run(lambda *a, **kw: _pallas(*a, **kw, block_sizes=c.blocks)))()
     ref = jax.jit(lambda: run(attention_reference))()
-    tol = TOL[c.dtype]
     for label, got, want in zip(("out", "dq", "dk", "dv", "dsinks"), pallas, ref, strict=True):
         if label == "dsinks" and not c.sinks:
             continue
-        _assert_close(got, want, tol, f"{name} {label}")
+        assert_close(got, want, rtol(c.dtype), f"{name} {label}")
 
 
 def test_front_door_uses_pallas():
     c = Case(t=21, window=9)
     q, k, v, sinks, _ = _inputs(c, seed=3)
     kw = dict(sinks=sinks, sliding_window=c.window)
-    got = attention(q, k, v, **kw, implementation="pallas")  # default (accelerator) tile sizes
+    # No kernel, interpret or tiles: the backend's defaults (the "tpu" kernels, 128-row tiles).
+    got = attention(q, k, v, **kw, implementation="pallas")
     want = jax.jit(lambda q, k, v: attention_reference(q, k, v, **kw))(q, k, v)
-    _assert_close(got, want, TOL[c.dtype], "front door")
+    assert_close(got, want, rtol(c.dtype), "front door")
 
 
-def _ring_cache(b, window, t, seed):
+def _ring_cache(b, window, t):
     """Positions of a ring of W + 4 slots after writing positions 0 .. 3W - 1 (wrapped 3 times)."""
     slots = window + 4
     kv_pos = np.full((b, slots), -1, np.int32)
@@ -160,24 +142,22 @@ def _ring_cache(b, window, t, seed):
 
 
 @pytest.mark.parametrize(
-    "mode, t, kv_heads, window, sinks, dtype",
+    "t, kv_heads, window, sinks, dtype",
     [
-        (None, 3, 2, 29, True, jnp.float32),
-        (None, 5, 4, 29, True, jnp.bfloat16),
-        ("loop", 1, 1, 29, False, jnp.float32),
+        (3, 2, 29, True, jnp.float32),
+        (5, 4, 29, True, jnp.bfloat16),
+        (1, 1, 29, False, jnp.float32),
     ],
 )
-def test_decode_over_wrapped_ring_buffer(mode, t, kv_heads, window, sinks, dtype):
-    _skip_if_not_runnable(mode)
+def test_decode_over_wrapped_ring_buffer(t, kv_heads, window, sinks, dtype):
     b, n, h, p = 2, 4, 24, 16
-    q_pos, kv_pos = _ring_cache(b, window, t, seed=1)
-    ks = jax.random.split(jax.random.key(1), 4)
+    q_pos, kv_pos = _ring_cache(b, window, t)
     slots = kv_pos.shape[1]
-    q = jax.random.normal(ks[0], (b, t, n, h), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, slots, kv_heads, h), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, slots, kv_heads, p), jnp.float32).astype(dtype)
+    q, k, v, sink_logits, _ = random_inputs(
+        1, b=b, t=t, s=slots, n=n, k=kv_heads, h=h, p=p, dtype=dtype, sinks=sinks
+    )
     kw = dict(
-        sinks=jax.random.normal(ks[3], (n,)) if sinks else None,
+        sinks=sink_logits,
         sliding_window=window,
         q_positions=q_pos,
         kv_positions=kv_pos,
@@ -186,11 +166,9 @@ def test_decode_over_wrapped_ring_buffer(mode, t, kv_heads, window, sinks, dtype
     assert np.any(np.diff(np.asarray(kv_pos[0])) < 0)
     mask = visibility_mask(q_pos, kv_pos, causal=True, sliding_window=window)
     assert 0 < int(mask[0, -1].sum()) < slots
-    got = jax.jit(
-        lambda q, k, v: flash.attention_pallas(q, k, v, **kw, block_sizes=BLOCKS, mode=mode)
-    )(q, k, v)
+    got = jax.jit(lambda q, k, v: _pallas(q, k, v, **kw, block_sizes=BLOCKS))(q, k, v)
     want = jax.jit(lambda q, k, v: attention_reference(q, k, v, **kw))(q, k, v)
-    _assert_close(got, want, TOL[dtype], "decode")
+    assert_close(got, want, rtol(dtype), "decode")
 
 
 def test_decode_rows_with_nothing_visible_are_zero():
@@ -202,11 +180,9 @@ def test_decode_rows_with_nothing_visible_are_zero():
     q_pos = jnp.array([[3, 40]], jnp.int32)
     kv_pos = jnp.where(jnp.arange(16) < 8, 10 + jnp.arange(16), -1)[None].astype(jnp.int32)
     kw = dict(sliding_window=8, q_positions=q_pos, kv_positions=kv_pos)
-    got = jax.jit(lambda q, k, v: flash.attention_pallas(q, k, v, **kw, block_sizes=BLOCKS))(
-        q, k, v
-    )
+    got = jax.jit(lambda q, k, v: _pallas(q, k, v, **kw, block_sizes=BLOCKS))(q, k, v)
     want = jax.jit(lambda q, k, v: attention_reference(q, k, v, **kw))(q, k, v)
-    _assert_close(got, want, 1e-6, "empty rows")
+    assert_close(got, want, 1e-6, "empty rows")
     assert float(jnp.max(jnp.abs(got[:, 0]))) == 0.0
 
 
@@ -217,7 +193,7 @@ def test_decode_gradient_is_not_implemented():
     pos = dict(q_positions=jnp.array([[5]]), kv_positions=jnp.arange(16)[None])
 
     def loss(q):
-        return flash.attention_pallas(q, k, v, **pos, block_sizes=BLOCKS).sum()
+        return _pallas(q, k, v, **pos, block_sizes=BLOCKS).sum()
 
     with pytest.raises(NotImplementedError, match="forward-only"):
         jax.grad(loss)(q)
@@ -231,7 +207,7 @@ def test_grid_visits_only_window_blocks(window):
     bq = bk = 128
     kw = dict(block_q=bq, block_kv=bk, q_len=t, kv_len=s, causal=True, window=window)
     nq, nk = t // bq, s // bk
-    lo, hi = flash.kv_block_bounds(np.arange(nq), **kw, xp=np)
+    lo, hi = kv_block_bounds(np.arange(nq), **kw, xp=np)
     visited = int(np.sum(hi - lo + 1))
     # Brute force: a block pair is needed iff some (query, key) pair in it is visible.
     pos = jnp.arange(t)[None]
@@ -239,14 +215,14 @@ def test_grid_visits_only_window_blocks(window):
     needed = np.asarray(vis).reshape(nq, bq, nk, bk).any(axis=(1, 3))  # [nq, nk]
     for qi in range(nq):
         assert np.flatnonzero(needed[qi]).tolist() == list(range(lo[qi], hi[qi] + 1))
-    steps = flash.num_kv_steps(**kw)
+    steps = num_kv_steps(**kw)
     if window is None:
         assert visited == nq * (nq + 1) // 2  # causal triangle
     else:
         assert steps == 2  # (bq + W - 1) / bk rounded up: the grid's kv axis is 2 blocks wide
         assert visited < 2 * nq < nq * nk
     # The dk/dv kernel's q-block bounds are the transpose of the same relation.
-    qlo, qhi = flash.q_block_bounds(np.arange(nk), **kw, xp=np)
+    qlo, qhi = q_block_bounds(np.arange(nk), **kw, xp=np)
     for ki in range(nk):
         assert np.flatnonzero(needed[:, ki]).tolist() == list(range(qlo[ki], qhi[ki] + 1))
 
@@ -262,19 +238,19 @@ def test_block_bounds_with_padding_and_offsets():
     )
     vis = np.pad(vis, ((0, (-t) % bq), (0, (-s) % bk)))
     needed = vis.reshape(-1, bq, vis.shape[1] // bk, bk).any(axis=(1, 3))
-    lo, hi = flash.kv_block_bounds(np.arange(needed.shape[0]), **kw, xp=np)
+    lo, hi = kv_block_bounds(np.arange(needed.shape[0]), **kw, xp=np)
     for qi in range(needed.shape[0]):
         assert np.flatnonzero(needed[qi]).tolist() == list(range(lo[qi], hi[qi] + 1))
 
 
 def test_block_sizes_validation():
     with pytest.raises(ValueError, match="multiple of 8"):
-        flash.BlockSizes(block_q=12)
-    assert flash.BlockSizes.get_default().block_kv == 128
+        BlockSizes(block_q=12)
+    assert BlockSizes().block_kv == 128
 
 
 def test_lowers_for_tpu_mosaic():
-    """The "grid" schedule lowers to Mosaic TPU from this host: one kernel forward, three for
+    """The Pallas TPU kernels lower to Mosaic TPU from this host: one kernel forward, three for
     forward + backward (forward, dq, dk/dv), at the model's head dims with window and sinks."""
     q = jax.ShapeDtypeStruct((1, 1024, 8, 192), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 1024, 2, 192), jnp.bfloat16)
@@ -282,9 +258,7 @@ def test_lowers_for_tpu_mosaic():
     s = jax.ShapeDtypeStruct((8,), jnp.float32)
 
     def fwd(q, k, v, s):
-        return flash.flash_attention(
-            q, k, v, sinks=s, sliding_window=129, interpret=False, mode="grid"
-        )
+        return flash.flash_attention(q, k, v, sinks=s, sliding_window=129, interpret=False)
 
     def grads(q, k, v, s):
         return jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))(

@@ -11,29 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_testing import assert_close, random_inputs, rtol
 
 from pallas_kernels import attention, xla
 from pallas_kernels.reference import attention_reference
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-
 
 def _inputs(seed, *, b, t, s, n, kh, h, p, dtype, with_sinks):
-    """Random q [B, T, N, H], k [B, S, K, H], v [B, S, K, P], sinks [N] | None, cotangent.
-
-    numpy's RNG rather than jax.random: compiling threefry costs more CPU time than a test case.
-    The cotangent is scaled so gradients summed over GQA groups and the window stay O(1), where
-    the absolute bf16 tolerance is a few ulps (at |x| >= 4 one bf16 ulp is already 3e-2).
-    """
-    rng = np.random.default_rng(seed)
-
-    def normal(*shape, std=1.0):
-        return jnp.asarray(std * rng.standard_normal(shape, np.float32), dtype)
-
-    q, k, v = normal(b, t, n, h), normal(b, s, kh, h), normal(b, s, kh, p)
-    # Unit-scale sinks are comparable to the logits, so they take a visible share of the mass.
-    sinks = normal(n) if with_sinks else None
-    return q, k, v, sinks, normal(b, t, n, p, std=0.25)
+    """Random q [B, T, N, H], k [B, S, K, H], v [B, S, K, P], sinks [N] | None (in q's dtype) and
+    a cotangent scaled so gradients summed over GQA groups and the window stay O(1)."""
+    return random_inputs(
+        seed, b=b, t=t, s=s, n=n, k=kh, h=h, p=p, dtype=dtype, sinks=with_sinks,
+        sinks_dtype=dtype, ct_std=0.25,
+    )  # fmt: skip
 
 
 # Tiny graphs spend ~all their time in XLA's LLVM backend; -O0 codegen compiles ~3x faster. It
@@ -56,16 +46,6 @@ def _fwd_vjp(fn, ref_fn, q, k, v, sinks, ct):
     return jax.jit(both).lower(*args).compile(_FAST_COMPILE)(*args)
 
 
-def _assert_close(got, want, tol, name):
-    got = np.asarray(jnp.asarray(got, jnp.float32))
-    want = np.asarray(jnp.asarray(want, jnp.float32))
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    assert np.all(np.isfinite(got)), f"{name}: non-finite values in the xla result"
-    assert np.all(np.isfinite(want)), f"{name}: non-finite values in the reference"
-    diff = float(np.max(np.abs(got - want))) if got.size else 0.0
-    assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.1e}"
-
-
 def _with_sinks_arg(fn, use_sinks):
     """``fn`` as ``f(q, k, v, sinks)``, so every case has the same vjp signature.
 
@@ -78,7 +58,7 @@ def _with_sinks_arg(fn, use_sinks):
 
 def _compare(fn, q, k, v, sinks, ct, **kwargs):
     """Checks ``fn`` against the reference: forward and every gradient, fp32 or bf16 tolerance."""
-    tol = TOL[jnp.dtype(q.dtype).type]
+    tol = rtol(q.dtype)
     use_sinks = sinks is not None
     got_fn = _with_sinks_arg(functools.partial(fn, **kwargs), use_sinks)
     ref_fn = _with_sinks_arg(functools.partial(attention_reference, **kwargs), use_sinks)
@@ -86,9 +66,9 @@ def _compare(fn, q, k, v, sinks, ct, **kwargs):
         sinks = jnp.zeros((q.shape[2],), q.dtype)
     (out, grads), (ref_out, ref_grads) = _fwd_vjp(got_fn, ref_fn, q, k, v, sinks, ct)
     assert out.dtype == q.dtype
-    _assert_close(out, ref_out, tol, "out")
+    assert_close(out, ref_out, tol, "out")
     for name, g, rg in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, strict=True):
-        _assert_close(g, rg, tol, name)
+        assert_close(g, rg, tol, name)
 
 
 F32, BF16 = jnp.float32, jnp.bfloat16
