@@ -65,7 +65,7 @@ from mimo_jax.axes import (
 from mimo_jax.config import ModelConfig
 from mimo_jax.model import MiMoV2Flash
 
-_ALL = ("data", "fsdp", "expert", "tensor")
+_ALL = MESH_AXES
 _NOT_DATA = ("fsdp", "expert", "tensor")
 _TOKENS = ("data", "fsdp", "expert")
 
