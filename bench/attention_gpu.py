@@ -3,25 +3,24 @@
 MiMo-V2-Flash SWA layer shapes: 64 query heads, 8 kv heads, H = 192, P = 128, window 128 (129
 visible keys), sinks, bf16, batch 1, T = S in {4K, 16K, 64K}. Rows:
 
-* ``mgpu``: ``flash.flash_attention(mode="mgpu")`` compiled, the GPU default: the Mosaic GPU
-  (sm90) forward of ``flash_mgpu`` and dq / dk/dv kernels of ``flash_mgpu_bwd``, no Triton; needs a
-  Hopper GPU, else the row reports its error.
-* ``loop`` (only with ``--impls ...,loop``): the deprecated Triton schedule, for comparison.
+* ``mgpu``: ``attention(implementation="pallas", kernel="mgpu", interpret=False)``, the GPU
+  default compiled: the Mosaic GPU (sm90) forward of ``flash_mgpu`` and dq / dk/dv kernels of
+  ``flash_mgpu_bwd``; needs a Hopper GPU, else the row reports its error.
 * ``xla_dense``: masked softmax over the full [T, S] score matrix (bf16 matmuls, fp32 logits),
   what ``reference.attention_reference`` does; skipped when its [T, S] buffers cannot fit.
-* ``xla_banded``: ``pallas_kernels.xla.attention_xla`` when that module is importable.
+* ``xla_banded``: ``attention(implementation="xla")``, the banded pure-JAX path.
 
 Each fwd+bwd row also reports the max |difference| of its gradients (dq, dk, dv, dsinks) from
 ``xla_banded``'s, and a second table times the Mosaic GPU decode / verify kernel
-(``flash_mgpu_decode``, T = 4 queries, the 132-slot SWA ring and a global cache of S slots) against
-``attention_xla`` with positions.
+(``flash_mgpu_decode``, T = 4 queries, the SWA ring of W + 4 = 133 slots and a global cache of S
+slots) against ``implementation="xla"`` with positions.
 
 TFLOP/s count only the banded work (visible (query, key) pairs), so a dense kernel that computes
 masked entries is not credited for them. Each row is wrapped in try/except so one failure prints
 its error and the table goes on.
 
 Usage: python bench/attention_gpu.py [--seq 4096,16384,65536] [--iters 10] [--json out.json]
-       [--impls mgpu,xla_dense,xla_banded[,loop]] [--no-decode]
+       [--impls mgpu,xla_dense,xla_banded] [--no-decode]
 """
 
 import argparse
@@ -38,9 +37,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels import flash  # noqa: E402
+from pallas_kernels import attention  # noqa: E402
 
 N_HEADS, KV_HEADS, H, P, WINDOW = 64, 8, 192, 128, 129
+IMPLS = {
+    "mgpu": functools.partial(attention, implementation="pallas", kernel="mgpu", interpret=False),
+    "xla_banded": functools.partial(attention, implementation="xla"),
+}
 
 
 def banded_pairs(t: int, window: int) -> int:
@@ -119,63 +122,27 @@ def _device_bytes():
         return 80 * 2**30
 
 
-def _pallas_impls(mode):
-    """Kernel variants to try in order: the default tiles, then smaller ones (Triton only)."""
-    if mode == "mgpu":
-        yield "default", functools.partial(flash.flash_attention, mode="mgpu")
-        return
-    for name, bs in (
-        ("default", flash.BlockSizes.get_default("gpu")),
-        ("32", flash.BlockSizes.uniform(32)),
-    ):
-        yield name, functools.partial(flash.flash_attention, mode="loop", block_sizes=bs)
-
-
 def bench_row(impl, t, iters):
     """Times one implementation at one T; returns a dict (with "error" on failure)."""
     row = {"T": t, "impl": impl}
     q, k, v, sinks, ct = _inputs(t)
     fwd_flops, total_flops = flops(t)
     try:
-        if impl in ("mgpu", "loop"):
-            errors = []
-            for tiles, attn in _pallas_impls(impl):
-                try:
-                    fwd = jax.jit(
-                        lambda q, k, v, s, attn=attn: attn(q, k, v, sinks=s, sliding_window=WINDOW)
-                    )
-                    row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
-                    grad = _fwd_bwd(attn, ct)
-                    row["compile_s"], row["fwd_bwd_s"] = _time(grad, (q, k, v, sinks), iters)
-                    row["tiles"] = tiles
-                    row["out"] = fwd(q, k, v, sinks)
-                    row["grads"] = grad(q, k, v, sinks)
-                    break
-                except Exception as e:  # noqa: BLE001
-                    errors.append(
-                        f"tiles={tiles}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    )
-                    traceback.print_exc()
-            else:
-                raise RuntimeError(" | ".join(errors))
+        if impl == "xla_dense":
+            need = 4 * 4 * N_HEADS * t * t  # ~4 fp32 [N, T, S] buffers live in fwd + bwd
+            if need > 0.8 * _device_bytes():
+                row["error"] = f"skipped: dense [T, S] buffers need ~{need / 2**30:.0f} GiB"
+                return row
+            attn = dense_masked_attention
         else:
-            if impl == "xla_dense":
-                need = 4 * 4 * N_HEADS * t * t  # ~4 fp32 [N, T, S] buffers live in fwd + bwd
-                if need > 0.8 * _device_bytes():
-                    row["error"] = f"skipped: dense [T, S] buffers need ~{need / 2**30:.0f} GiB"
-                    return row
-                attn = dense_masked_attention
-            else:
-                from pallas_kernels import xla  # noqa: PLC0415
-
-                attn = xla.attention_xla
-            fwd = jax.jit(lambda q, k, v, s: attn(q, k, v, sinks=s, sliding_window=WINDOW))
-            row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
-            grad = _fwd_bwd(attn, ct)
-            row["compile_s"], row["fwd_bwd_s"] = _time(grad, (q, k, v, sinks), iters)
-            row["out"] = fwd(q, k, v, sinks)
-            if impl == "xla_banded":
-                row["grads"] = grad(q, k, v, sinks)
+            attn = IMPLS[impl]
+        fwd = jax.jit(lambda q, k, v, s: attn(q, k, v, sinks=s, sliding_window=WINDOW))
+        row["fwd_compile_s"], row["fwd_s"] = _time(fwd, (q, k, v, sinks), iters)
+        grad = _fwd_bwd(attn, ct)
+        row["compile_s"], row["fwd_bwd_s"] = _time(grad, (q, k, v, sinks), iters)
+        row["out"] = fwd(q, k, v, sinks)
+        if impl != "xla_dense":
+            row["grads"] = grad(q, k, v, sinks)
         row["fwd_tflops"] = fwd_flops / row["fwd_s"] / 1e12
         row["fwd_bwd_tflops"] = total_flops / row["fwd_bwd_s"] / 1e12
     except Exception as e:  # noqa: BLE001
@@ -187,8 +154,6 @@ def bench_row(impl, t, iters):
 def decode_table(seqs, iters):
     """Times decode / verify (T = 4 queries) over the SWA ring (W + 4 slots, wrapped) and a
     global cache of S slots: Mosaic GPU kernel vs ``attention_xla``; returns the rows."""
-    from pallas_kernels import xla  # noqa: PLC0415
-
     rows = []
     t = 4
     for label, slots, window in [("swa_ring", WINDOW + 4, WINDOW)] + [
@@ -204,10 +169,7 @@ def decode_table(seqs, iters):
         q_pos = (end - t + jnp.arange(t))[None].astype(jnp.int32)
         kw = dict(sinks=sinks, sliding_window=window, q_positions=q_pos, kv_positions=kv_pos)
         outs = {}
-        for impl, fn in (
-            ("mgpu", functools.partial(flash.attention_pallas, mode="mgpu")),
-            ("xla", xla.attention_xla),
-        ):
+        for impl, fn in (("mgpu", IMPLS["mgpu"]), ("xla", IMPLS["xla_banded"])):
             row = {"case": label, "impl": impl}
             try:
                 f = jax.jit(lambda q, k, v, fn=fn, kw=kw: fn(q, k, v, **kw))
@@ -253,23 +215,22 @@ def main():
             by_impl[impl] = row
             rows.append(row)
             print(f"  done T={t} {impl}: {row.get('error', 'ok')}", flush=True)
-        # Cross-check the Pallas outputs against the most exact baseline that ran.
-        for kernel in ("mgpu", "loop"):
-            out = by_impl.get(kernel, {}).pop("out", None)
-            for base in ("xla_dense", "xla_banded"):
-                ref = by_impl.get(base, {}).get("out")
-                if out is not None and ref is not None:
-                    diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
-                    by_impl[kernel]["max_diff_vs"] = f"{float(diff):.2e} vs {base}"
-                    break
-            grads = by_impl.get(kernel, {}).pop("grads", None)
-            ref = by_impl.get("xla_banded", {}).get("grads")
-            if grads is not None and ref is not None:
-                diff = max(
-                    float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
-                    for g, r in zip(grads, ref, strict=True)
-                )
-                by_impl[kernel]["grad_diff_vs"] = f"{diff:.2e} vs xla_banded"
+        # Cross-check the kernel's outputs against the most exact baseline that ran.
+        out = by_impl.get("mgpu", {}).pop("out", None)
+        for base in ("xla_dense", "xla_banded"):
+            ref = by_impl.get(base, {}).get("out")
+            if out is not None and ref is not None:
+                diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
+                by_impl["mgpu"]["max_diff_vs"] = f"{float(diff):.2e} vs {base}"
+                break
+        grads = by_impl.get("mgpu", {}).pop("grads", None)
+        ref = by_impl.get("xla_banded", {}).get("grads")
+        if grads is not None and ref is not None:
+            diff = max(
+                float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
+                for g, r in zip(grads, ref, strict=True)
+            )
+            by_impl["mgpu"]["grad_diff_vs"] = f"{diff:.2e} vs xla_banded"
         for row in by_impl.values():
             row.pop("out", None)
             row.pop("grads", None)
@@ -291,7 +252,7 @@ def main():
             )
             continue
         speed = f"{r['speedup_vs_dense']:.1f}x" if "speedup_vs_dense" in r else "-"
-        notes = " ".join(f"{k}={r[k]}" for k in ("tiles", "max_diff_vs", "grad_diff_vs") if k in r)
+        notes = " ".join(f"{k}={r[k]}" for k in ("max_diff_vs", "grad_diff_vs") if k in r)
         print(
             f"{r['T']:>6} {r['impl']:<11} {1e3 * r['fwd_s']:>9.3f} {1e3 * r['fwd_bwd_s']:>11.3f} "
             f"{speed:>8} {r['fwd_tflops']:>9.1f} {r['fwd_bwd_tflops']:>9.1f} "
