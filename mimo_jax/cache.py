@@ -2,19 +2,16 @@
 
 Global layers keep a linear cache (slot = position, ``max_length`` slots). Sliding-window layers
 and MTP layers keep a ring of ``sliding_window + max_new_per_step`` slots (slot = position mod
-size): a step writes at most ``max_new_per_step`` tokens past the accepted length, so even the
-writes of rejected draft tokens only evict keys that no future query's window reaches, and memory
-stays constant in context length. Attention masks by the stored positions (negative = empty), so
-rolling back rejected tokens is just invalidating their positions.
-
-``cache_bytes`` sizes these caches for a config without allocating anything.
+size): a decoding step writes at most ``max_new_per_step`` consecutive positions, so its writes
+only evict keys that no query of the step, or of a later one, still sees, and memory stays
+constant in context length. Attention masks by the stored positions (negative = empty), so
+rolling tokens back is just invalidating their positions (``truncate``). docs/decoding.md sizes
+the rings for speculative decoding.
 """
-
-import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import struct
 
 from mimo_jax import axes as ax
 
@@ -97,77 +94,14 @@ class KVCache:
         return KVCache(k=take(k), v=take(v), pos=jnp.where(valid, p, -1).astype(jnp.int32))
 
     def truncate(self, lengths: jax.Array) -> "KVCache":
-        """Invalidates every slot at or past ``lengths`` [B] (rolls back rejected tokens)."""
-        return self.replace(pos=jnp.where(self.pos >= lengths[:, None], -1, self.pos))
+        """Invalidates every slot at or past ``lengths`` (rolls tokens back).
 
+        Args:
+          lengths: int [B] positions to keep per row (those below it).
 
-def max_new_per_step(num_draft_tokens: int) -> int:
-    """Most positions one decoding step writes into any cache with ``num_draft_tokens`` drafts.
-
-    The verify writes d + 1 tokens into the decoder caches; each MTP depth rewrites 2d positions
-    (see ``mimo_jax.generate``). Rings of ``sliding_window + max_new_per_step(d)`` slots then
-    never lose a key that a query of the step, or of a later one, still sees.
-    """
-    d = num_draft_tokens
-    return max(d + 1, 2 * d)
-
-
-def cache_bytes(cfg, *, batch: int, max_length: int, max_new_per_step: int) -> dict:
-    """Bytes of the decoding cache of ``cfg`` versus caching every layer globally.
-
-    Shapes come from ``jax.eval_shape`` over an abstract model's ``init_cache``, so nothing is
-    allocated even for the full-size config.
-
-    Args:
-      cfg: a ``ModelConfig``.
-      batch: sequences.
-      max_length: slots of the global layers' linear caches (prompt + generated tokens).
-      max_new_per_step: most tokens one step writes (ring slack, see ``max_new_per_step``).
-
-    Returns:
-      Bytes *per sequence*: ``global``, ``swa``, ``mtp`` (k + v + slot positions of each kind of
-      cache, summed over its layers), ``total`` (their sum), ``all_global`` (the same layers and
-      kv heads, every one of them a linear cache over ``max_length``), ``kv_only`` and
-      ``all_global_kv_only`` (the same two without the int32 slot positions), and ``ratio``
-      (``all_global / total``).
-    """
-    from mimo_jax.model import MiMoV2Flash  # noqa: PLC0415  (model imports this module)
-
-    model = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
-    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_length, max_new_per_step))
-    sliding = [m.self_attn.is_sliding for m in model.layers]
-    slot_sliding = [m.self_attn.is_sliding for m in model.scanned]
-    groups = {"global": [], "swa": [], "mtp": list(shapes["mtp"])}
-    for c, is_swa in zip(shapes["layers"], sliding, strict=True):
-        groups["swa" if is_swa else "global"].append(c)
-    for c, is_swa in zip(shapes["scanned"], slot_sliding, strict=True):
-        groups["swa" if is_swa else "global"].append(c)  # stacked: leading repeats axis
-
-    def nbytes(x, slot_axis: int, slots: int | None = None) -> int:
-        """Bytes of x, or of x with ``slots`` entries along its slot axis."""
-        shape = list(x.shape)
-        if slots is not None:
-            shape[slot_axis] = slots
-        return math.prod(shape) * jnp.dtype(x.dtype).itemsize
-
-    out = {}
-    total = kv = full = full_kv = 0
-    for name, caches in groups.items():
-        out[name] = 0
-        for c in caches:  # k, v: [..., B, S, K, H]; pos: [..., B, S]
-            b_kv = nbytes(c.k, -3) + nbytes(c.v, -3)
-            f_kv = nbytes(c.k, -3, max_length) + nbytes(c.v, -3, max_length)
-            out[name] += b_kv + nbytes(c.pos, -1)
-            kv += b_kv
-            full_kv += f_kv
-            full += f_kv + nbytes(c.pos, -1, max_length)
-        out[name] //= batch
-        total += out[name]
-    out.update(
-        total=total,
-        all_global=full // batch,
-        kv_only=kv // batch,
-        all_global_kv_only=full_kv // batch,
-    )
-    out["ratio"] = out["all_global"] / out["total"]
-    return out
+        Returns:
+          The cache; a stacked cache (pos [R, B, S], one per scanned repeat) is cut in every
+          repeat.
+        """
+        keep = self.pos < lengths[:, None]  # [..., B, S]
+        return self.replace(pos=jnp.where(keep, self.pos, -1))

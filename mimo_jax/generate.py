@@ -1,26 +1,25 @@
 """Decoding: prefill, a device-side token loop, sampling, MTP speculative decoding.
 
-Each loop step (``num_draft_tokens = d``), with ``base`` the position of the newest committed token:
-  1. Draft: every MTP depth k runs on the 2d indices ``base - a - d .. base - a + d - 1`` (index i
-     consumes token i + k + 1 and depth k - 1's hidden state at i; ``a`` is the previous step's
-     accepted count), and the query at index ``base - 1`` drafts token ``base + k + 1``; depth
-     k + 1 consumes that draft and depth k's hidden states.
-  2. Verify: the main model runs on [newest committed token, d drafts] in one pass over its cache.
-  3. Accept the longest agreeing prefix plus one token from the main model (greedy: equality;
-     sampling: rejection sampling, so the output distribution is the main model's own), then
-     invalidate the cache slots of rejected tokens.
-With d = 0 this is plain decoding. Everything after argument checks runs in one ``jax.jit``.
+The loop is a state machine over ``DecodeState``. With ``d = num_draft_tokens`` and ``base`` the
+position of the newest committed token, one step is
 
-Why 2d MTP indices and not d + 1: depth k's cache entry at position P depends on every token up
-to P, and a step keeps depth k's entries up to ``base + k``, i.e. ones built from this step's
-drafts. When the main model rejects some of those drafts, the entries are stale; starting the
-next step d - 1 indices earlier rewrites them (and, in the first step, writes the entries of
-positions ``L .. L + k - 1`` that the prefill could not, token L being unknown then). Stale MTP
-entries never change the output, only the drafts, so they show up as lower acceptance only. The
-main model's hidden states of the last 2d indices are carried from step to step for this.
+  1. ``draft``: every MTP depth k runs on the d + 1 indices ``base - 1 - d .. base - 1`` (index i
+     consumes token i + k + 1 and depth k - 1's hidden state at index i); the last one drafts
+     token ``base + k + 1``, which depth k + 1 then consumes.
+  2. ``verify``: the main model runs on [token ``base``, d drafts] in one pass over its cache.
+  3. ``accept``: the longest agreeing prefix plus one token from the main model is committed
+     (greedy: equality; sampling: rejection sampling, so the output distribution is the main
+     model's own).
+
+With d = 0 this is plain decoding. ``prefill`` fills the caches from the prompts first. Everything
+after the argument checks runs in one ``jax.jit``. docs/decoding.md explains why d + 1 MTP indices
+keep every MTP cache entry a draft reads exact, and why rejected tokens need no rollback: the next
+step writes the same cache slots before any query reads them.
 """
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -28,8 +27,76 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from mimo_jax.cache import max_new_per_step
 from mimo_jax.model import MiMoV2Flash
+
+
+def max_new_per_step(num_draft_tokens: int) -> int:
+    """Most positions one decoding step writes into any cache: the d + 1 verified tokens.
+
+    Each MTP depth also writes d + 1 positions per step (see ``draft``). A ring of
+    ``sliding_window + max_new_per_step(d)`` slots then never loses a key that a query of the
+    step, or of a later one, still sees (docs/decoding.md).
+    """
+    return num_draft_tokens + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a token is picked from logits: greedy when ``temperature == 0``."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@struct.dataclass
+class DecodeState:
+    """The loop state between steps (one row per sequence).
+
+    Attributes:
+      tokens: int32 [B, S] row b's committed tokens at their positions through ``base[b]``;
+        anything after them is scratch.
+      cache: decoder and MTP caches (``MiMoV2Flash.init_cache``; MTP depths 0..d-1 only).
+      base: int32 [B] position of the newest committed token.
+      hidden: [B, d + 1, D] the main model's post-norm hidden states at indices
+        ``base - 1 - d .. base - 1``: MTP depth 0's inputs (zeros before the sequence start).
+      n_new: int32 [B] tokens generated so far (may pass ``max_new_tokens`` in the last step).
+      done: bool [B] the row has produced EOS.
+      key: PRNG key.
+      steps: int32 [] steps taken.
+      committed: int32 [] tokens committed by rows still active in their step, summed.
+      accepted: int32 [max(d, 1)] per draft depth, active row-steps that accepted it.
+      active_steps: int32 [] active row-steps.
+    """
+
+    tokens: jax.Array
+    cache: dict
+    base: jax.Array
+    hidden: jax.Array
+    n_new: jax.Array
+    done: jax.Array
+    key: jax.Array
+    steps: jax.Array
+    committed: jax.Array
+    accepted: jax.Array
+    active_steps: jax.Array
+
+
+@struct.dataclass
+class Drafts:
+    """What ``draft`` hands to ``verify`` and ``accept``.
+
+    Attributes:
+      tokens: int32 [B, d + 1] the token at ``base`` followed by the d drafts.
+      probs: [B, d, V] the distributions the drafts were sampled from (None when greedy).
+    """
+
+    tokens: jax.Array
+    probs: jax.Array | None
 
 
 @struct.dataclass
@@ -52,217 +119,281 @@ class GenerateResult:
     num_steps: jax.Array
 
 
-def _probs(logits, temperature, top_k, top_p):
+def _probs(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """Softmax of temperature-scaled logits restricted to top-k / nucleus top-p. [..., V]."""
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
+    if sampling.top_p < 1.0:
         srt = jnp.sort(logits, axis=-1)[..., ::-1]
         cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
+        cutoff_idx = jnp.sum(cum < sampling.top_p, axis=-1, keepdims=True)
         cutoff = jnp.take_along_axis(srt, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.nn.softmax(logits, axis=-1)
 
 
-def _pick(logits, key, temperature, top_k, top_p):
-    """(token int32 [B], probabilities [B, V] or None for greedy)."""
-    if temperature == 0:
+def _pick(logits: jax.Array, key: jax.Array, sampling: Sampling):
+    """(token int32 [B], probabilities [B, V] or None for greedy) from logits [B, V]."""
+    if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-    p = _probs(logits, temperature, top_k, top_p)
+    p = _probs(logits, sampling)
     return jax.random.categorical(key, jnp.log(p)).astype(jnp.int32), p
 
 
-def _take(x, idx):
-    """x [B, S, ...] at per-row indices idx [B, n] -> [B, n, ...]."""
-    idx = idx.reshape(*idx.shape, *([1] * (x.ndim - 2)))
-    return jnp.take_along_axis(x, idx, axis=1)
+def _read(x: jax.Array, start: jax.Array, n: int) -> jax.Array:
+    """x [B, S, ...] at rows ``start[b] .. start[b] + n - 1`` (clipped into range): [B, n, ...]."""
+    idx = jnp.clip(start[:, None] + jnp.arange(n), 0, x.shape[1] - 1)  # [B, n]
+    return jnp.take_along_axis(x, idx.reshape(*idx.shape, *([1] * (x.ndim - 2))), axis=1)
 
 
-def _set(x, idx, val, keep=None):
-    """x [B, S] with x[b, idx[b, j]] = val[b, j] where keep[b, j] (out of range dropped)."""
-    if keep is not None:
-        idx = jnp.where(keep, idx, x.shape[1])
+def _write(x: jax.Array, start: jax.Array, val: jax.Array) -> jax.Array:
+    """x [B, S] with ``x[b, start[b] + j] = val[b, j]`` (out of range dropped)."""
+    idx = start[:, None] + jnp.arange(val.shape[1])  # [B, n]
     return x.at[jnp.arange(x.shape[0])[:, None], idx].set(val, mode="drop")
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "max_new",
-        "d",
-        "temperature",
-        "top_k",
-        "top_p",
-        "eos",
-        "pad",
-        "stream",
-    ),
-)
-def _generate(
-    state, graphdef, ids, lengths, key, *, max_new, d, temperature, top_k, top_p, eos, pad, stream
-):
-    model: MiMoV2Flash = nnx.merge(graphdef, state)
+def prefill(
+    model: MiMoV2Flash,
+    ids: jax.Array,
+    lengths: jax.Array,
+    key: jax.Array,
+    *,
+    d: int,
+    max_len: int,
+    sampling: Sampling,
+    pad: int,
+) -> DecodeState:
+    """Fills the caches from right-padded prompts and picks the first new token.
+
+    Args:
+      model: the model.
+      ids: int32 [B, T] prompts, row b valid up to ``lengths[b]``.
+      lengths: int32 [B] prompt lengths.
+      key: PRNG key.
+      d: draft tokens per step.
+      max_len: positions the token buffer and the global layers' caches hold.
+      sampling: how tokens are picked.
+      pad: filler of the token buffer.
+
+    Returns:
+      The state before the first step: ``base = lengths``, the first new token committed there.
+    """
     b, t = ids.shape
-    width = d + 1  # tokens per verify step
-    mw = 2 * d  # MTP indices per step (see the module docstring)
-    # Room for the furthest position a step can touch: MTP depth d - 1 reads up to 2d ahead.
-    max_len = t + max_new + 2 * width
-    cache = model.init_cache(b, max_len, max_new_per_step(d))
     rows = jnp.arange(b)
-
-    # Prefill: main model over the prompt, then every MTP depth over it (depth k's entry i sits
-    # at position i + k + 1 and needs token i + k + 1 < length).
+    cache = model.init_cache(b, max_len, max_new_per_step(d))
+    hidden, cache = model.prefill(ids, lengths, cache)  # [B, T, D]
+    # MTP depth k's entry i sits at position i + k + 1 and needs token i + k + 1 < length; the
+    # first step writes the rest.
+    mtp = list(cache["mtp"][:d])
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _, dec = model.decoder(model.embed_tokens(ids), pos, None, cache, lengths)
-    hidden = model.norm(h)  # [B, T, D]
-    mtp_cache = list(cache["mtp"][:d])
-    h_prev = hidden
+    h = hidden
     for k in range(d):
-        emb = model.embed_tokens(jnp.roll(ids, -(k + 1), axis=1))
-        h_prev, mtp_cache[k] = model.mtp[k](
-            emb, h_prev, pos + k + 1, mtp_cache[k], lengths - (k + 1), offset=k + 1
-        )
-    last_hidden = hidden[rows, lengths - 1]  # [B, D]
+        ids_k = jnp.roll(ids, -(k + 1), axis=1)  # [B, T] token i + k + 1 at index i
+        h, mtp[k] = model.mtp_extend(
+            k, ids_k, h, pos + k + 1, mtp[k], lengths - (k + 1), offset=k + 1
+        )  # [B, T, D]
     key, sub = jax.random.split(key)
-    first, _ = _pick(model.lm_head(last_hidden), sub, temperature, top_k, top_p)
+    first, _ = _pick(model.logits(hidden[rows, lengths - 1]), sub, sampling)  # [B]
     tokens = jnp.full((b, max_len), pad, jnp.int32).at[:, :t].set(ids)
-    tokens = tokens.at[rows, lengths].set(first)
-    if stream is not None:  # row 0's tokens go to the host as soon as they are committed
-        jax.debug.callback(stream, first[:1], jnp.ones((), jnp.int32), ordered=True)
-
-    # Loop state: the last verify started at p0 and accepted a drafts; hid holds the main
-    # model's hidden states at indices p0 - d + 1 .. p0 + d (valid up to p0 + a), the inputs of
-    # MTP depth 0. The prefill stands in for a verify at p0 = length - 1 with a = 0.
-    p0 = lengths - 1
-    hid_idx = p0[:, None] - d + 1 + jnp.arange(max(mw, 1))[None]  # [B, 2d]
-    hid = jnp.where(
-        (hid_idx >= 0)[..., None], _take(hidden, jnp.clip(hid_idx, 0, t - 1)), 0
-    ).astype(hidden.dtype)  # [B, 2d, D]; entries past p0 only feed discarded MTP queries
-    loop = dict(
+    tokens = tokens.at[rows, lengths].set(first)  # [B, S]
+    # MTP depth 0's window before the first step: indices length - 1 - d .. length - 1.
+    win = lengths[:, None] - 1 - d + jnp.arange(d + 1)  # [B, d + 1]
+    hid = jnp.where((win >= 0)[..., None], _read(hidden, lengths - 1 - d, d + 1), 0)
+    return DecodeState(
         tokens=tokens,
-        dec=dec,
-        mtp=mtp_cache,
-        p0=p0,
-        hid=hid,
-        a=jnp.zeros((b,), jnp.int32),
+        cache={**cache, "mtp": mtp},
+        base=lengths,
+        hidden=hid.astype(hidden.dtype),  # [B, d + 1, D]
         n_new=jnp.ones((b,), jnp.int32),
-        done=(first == eos) if eos is not None else jnp.zeros((b,), bool),
+        done=jnp.zeros((b,), bool),
         key=key,
         steps=jnp.zeros((), jnp.int32),
         committed=jnp.zeros((), jnp.int32),
         accepted=jnp.zeros((max(d, 1),), jnp.int32),
         active_steps=jnp.zeros((), jnp.int32),
     )
-    offs = jnp.arange(width, dtype=jnp.int32)[None]  # [1, d + 1]
-    m_offs = jnp.arange(mw, dtype=jnp.int32)[None]  # [1, 2d]
 
-    def cond(s):
-        return jnp.any(~s["done"] & (s["n_new"] < max_new))
 
-    def body(s):
-        tokens, key = s["tokens"], s["key"]
-        active = ~s["done"] & (s["n_new"] < max_new)  # [B]
-        base = s["p0"] + s["a"] + 1  # position of the newest committed token
-        mtp_cache, draft_probs = list(s["mtp"]), []
-        h_in = s["hid"]
-        idx = s["p0"][:, None] - d + 1 + m_offs  # [B, 2d] MTP indices; base - 1 is at d - 1 + a
-        for k in range(d):
-            pos_k = idx + k + 1  # positions of the consumed tokens (and of the cache entries)
-            emb = model.embed_tokens(_take(tokens, jnp.maximum(pos_k, 0)))
-            # Indices before the sequence start (short prompts) neither write nor see keys.
-            h_k, c = model.mtp[k](emb, h_in, jnp.where(idx >= 0, pos_k, -1), mtp_cache[k])
-            mtp_cache[k] = c.truncate(base + k + 1)  # positions past the newest draft input
-            key, sub = jax.random.split(key)
-            h_draft = h_k[rows, d - 1 + s["a"]]  # index base - 1 -> token base + k + 1
-            y, q = _pick(model.lm_head(h_draft), sub, temperature, top_k, top_p)
-            tokens = _set(tokens, (base + 1 + k)[:, None], y[:, None])
-            draft_probs.append(q)
-            h_in = h_k
+def draft(
+    model: MiMoV2Flash, s: DecodeState, d: int, sampling: Sampling
+) -> tuple[DecodeState, Drafts]:
+    """Drafts tokens ``base + 1 .. base + d`` with MTP depths 0..d-1 (step 1).
 
-        pos_v = base[:, None] + offs  # [B, d + 1]
-        h, _, dec = model.decoder(model.embed_tokens(_take(tokens, pos_v)), pos_v, None, s["dec"])
-        hv = model.norm(h)  # [B, d + 1, D] main hidden states at base .. base + d
-        logits = model.lm_head(hv)  # [B, d + 1, V]
-        drafts = _take(tokens, pos_v[:, 1:])  # [B, d]
+    Each depth runs on the d + 1 indices ``base - 1 - d .. base - 1``, rewriting the cache entries
+    that earlier steps built from drafts (docs/decoding.md); the last index drafts.
+
+    Args:
+      model: the model.
+      s: the loop state.
+      d: draft tokens.
+      sampling: how drafts are picked.
+
+    Returns:
+      The state with updated MTP caches and key, and the drafts.
+    """
+    window = _read(s.tokens, s.base - d, d + 1)  # [B, d + 1] committed tokens base - d .. base
+    if d == 0:
+        return s, Drafts(tokens=window, probs=None)
+    idx = s.base[:, None] - 1 - d + jnp.arange(d + 1)  # [B, d + 1] MTP indices
+    key, mtp, h = s.key, list(s.cache["mtp"]), s.hidden
+    drafts, probs = [], []
+    for k in range(d):
+        ids_k = jnp.concatenate([window[:, k:], *drafts], axis=1)  # [B, d + 1] token i + k + 1
+        # Indices before the sequence start (short prompts) neither write nor see keys.
+        pos_k = jnp.where(idx >= 0, idx + k + 1, -1)  # [B, d + 1]
+        h, mtp[k] = model.mtp_extend(k, ids_k, h, pos_k, mtp[k])  # [B, d + 1, D]
         key, sub = jax.random.split(key)
-        if temperature == 0:
-            z = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, d + 1]
-            ok = drafts == z[:, :d]
-            new_a = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1).astype(jnp.int32)
-            final = z[rows, new_a]
-        else:
-            p = _probs(logits, temperature, top_k, top_p)  # [B, d + 1, V]
-            keys = jax.random.split(sub, 2)
-            if d:
-                q = jnp.stack(draft_probs, axis=1)  # [B, d, V]
-                p_y = jnp.take_along_axis(p[:, :d], drafts[..., None], -1)[..., 0]
-                q_y = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
-                u = jax.random.uniform(keys[0], (b, d))
-                ok = u * q_y < p_y  # accept with probability min(1, p / q)
-                new_a = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1).astype(jnp.int32)
-                # Rejected at j: resample from max(p - q, 0); all accepted: sample p_d.
-                residual = jnp.maximum(p[:, :d] - q, 0.0)
-                residual = jnp.concatenate([residual, p[:, d:]], axis=1)  # [B, d + 1, V]
-                dist = residual[rows, new_a]
-            else:
-                new_a = jnp.zeros((b,), jnp.int32)
-                dist = p[:, 0]
-            final = jax.random.categorical(keys[1], jnp.log(dist)).astype(jnp.int32)
-        tokens = _set(tokens, (base + 1 + new_a)[:, None], final[:, None])
-        # A finished row keeps its state: its writes land past its length and are invalidated.
-        new_a = jnp.where(active, new_a, s["a"])
-        p0 = jnp.where(active, base, s["p0"])
+        y, q = _pick(model.logits(h[:, -1]), sub, sampling)  # index base - 1: token base + k + 1
+        drafts.append(y[:, None])
+        probs.append(q)
+    tokens = jnp.concatenate([window[:, -1:], *drafts], axis=1)  # [B, d + 1]
+    stacked = None if sampling.greedy else jnp.stack(probs, axis=1)  # [B, d, V]
+    return s.replace(cache={**s.cache, "mtp": mtp}, key=key), Drafts(tokens, stacked)
+
+
+def verify(
+    model: MiMoV2Flash, s: DecodeState, drafts: Drafts
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Runs the main model on [token ``base``, drafts] against its cache (step 2).
+
+    Args:
+      model: the model.
+      s: the loop state.
+      drafts: from ``draft``.
+
+    Returns:
+      The state with updated decoder caches, fp32 logits [B, d + 1, V] (row j predicts the
+      token at ``base + j + 1``), post-norm hidden states [B, d + 1, D].
+    """
+    positions = s.base[:, None] + jnp.arange(drafts.tokens.shape[1])  # [B, d + 1]
+    hidden, cache = model.extend(drafts.tokens, positions, s.cache)  # [B, d + 1, D]
+    return s.replace(cache=cache), model.logits(hidden), hidden
+
+
+def accept(
+    s: DecodeState,
+    drafts: Drafts,
+    logits: jax.Array,
+    hidden: jax.Array,
+    *,
+    sampling: Sampling,
+    max_new: int,
+    eos: int | None,
+    stream: Callable | None = None,
+) -> DecodeState:
+    """Commits the longest accepted draft prefix plus one token of the main model (step 3).
+
+    Greedy: draft j is accepted while it equals the main model's argmax. Sampling: draft y is
+    accepted with probability min(1, p(y) / q(y)); at the first rejection the token is drawn from
+    max(p - q, 0) renormalised, after d acceptances from p: the committed tokens are distributed
+    exactly as the main model's own samples. Rows already finished keep their state.
+
+    Args:
+      s: the state after ``verify``.
+      drafts: from ``draft``.
+      logits: fp32 [B, d + 1, V] from ``verify``.
+      hidden: [B, d + 1, D] from ``verify``.
+      sampling: how tokens are picked.
+      max_new: tokens to generate per row.
+      eos: the token that finishes a row, or None.
+      stream: optional host callback ``stream(tokens int32 [d + 1], count)`` for row 0.
+
+    Returns:
+      The state after the step.
+    """
+    b, width = drafts.tokens.shape
+    d = width - 1
+    j = jnp.arange(width)[None]  # [1, d + 1]
+    y = drafts.tokens[:, 1:]  # [B, d]
+    key, sub = jax.random.split(s.key)
+    if sampling.greedy:
+        z = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, d + 1]
+        n_acc = jnp.sum(jnp.cumprod(y == z[:, :d], axis=-1), axis=-1).astype(jnp.int32)  # [B]
+        new = z  # the accepted drafts equal z, so z[:, :n_acc + 1] are the committed tokens
+    else:
+        p = _probs(logits, sampling)  # [B, d + 1, V]
+        keys = jax.random.split(sub, 2)
         if d:
-            # Next step's indices base - d + 1 .. base + d: the d - 1 before base come from the
-            # old buffer (old index p0 - d + 1 + j sits at j), the rest from this verify.
-            m = m_offs[0]
-            src = jnp.where(m < d - 1, s["a"][:, None] + 1 + m[None], mw + m[None] - (d - 1))
-            hid = _take(jnp.concatenate([s["hid"], hv], axis=1), src)  # [B, 2d, D]
-            hid = jnp.where(active[:, None, None], hid, s["hid"])
+            q = drafts.probs  # [B, d, V]
+            p_y = jnp.take_along_axis(p[:, :d], y[..., None], -1)[..., 0]  # [B, d]
+            q_y = jnp.take_along_axis(q, y[..., None], -1)[..., 0]
+            ok = jax.random.uniform(keys[0], (b, d)) * q_y < p_y  # probability min(1, p / q)
+            n_acc = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1).astype(jnp.int32)  # [B]
+            residual = jnp.concatenate([jnp.maximum(p[:, :d] - q, 0.0), p[:, d:]], axis=1)
+            dist = jnp.take_along_axis(residual, n_acc[:, None, None], axis=1)[:, 0]  # [B, V]
         else:
-            hid = s["hid"]
-        keep_len = p0 + new_a + 1  # main cache holds positions < keep_len
-        dec = _truncate_all(dec, keep_len)
-        committed = jnp.where(active, new_a + 1, 0)
-        if stream is not None:
-            count = jnp.minimum(committed[0], max_new - s["n_new"][0])
-            new_tokens = _take(tokens, base[:, None] + 1 + offs)[0]  # [d + 1]
-            jax.debug.callback(stream, new_tokens, count, ordered=True)
-        n_new = s["n_new"] + committed
-        done = s["done"]
-        if eos is not None:
-            new_pos = base[:, None] + 1 + offs  # positions committed this step (masked below)
-            is_new = offs <= new_a[:, None]
-            done = done | jnp.any((_take(tokens, new_pos) == eos) & is_new & active[:, None], -1)
-        n_act = jnp.sum(active)
-        acc = s["accepted"]
-        if d:
-            acc = acc + jnp.sum(
-                (jnp.arange(d)[None] < new_a[:, None]) & active[:, None], axis=0
-            ).astype(jnp.int32)
-        return dict(
-            tokens=tokens,
-            dec=dec,
-            mtp=mtp_cache,
-            p0=p0,
-            hid=hid,
-            a=new_a,
-            n_new=n_new,
-            done=done,
-            key=key,
-            steps=s["steps"] + 1,
-            committed=s["committed"] + jnp.sum(committed),
-            accepted=acc,
-            active_steps=s["active_steps"] + n_act,
+            n_acc = jnp.zeros((b,), jnp.int32)
+            dist = p[:, 0]
+        final = jax.random.categorical(keys[1], jnp.log(dist)).astype(jnp.int32)  # [B]
+        y_pad = jnp.concatenate([y, final[:, None]], axis=1)  # [B, d + 1]
+        new = jnp.where(j < n_acc[:, None], y_pad, final[:, None])
+    active = ~s.done & (s.n_new < max_new)  # [B]
+    committed = jnp.where(active, n_acc + 1, 0)  # [B]
+    # Tokens past base + 1 + n_acc are scratch: the next step overwrites them.
+    tokens = _write(s.tokens, s.base + 1, new)  # [B, S]
+    if stream is not None:
+        count = jnp.minimum(committed[0], max_new - s.n_new[0])
+        jax.debug.callback(stream, new[0], count, ordered=True)
+    done = s.done
+    if eos is not None:
+        hit = (new == eos) & (j <= n_acc[:, None])  # [B, d + 1]
+        done = done | (active & jnp.any(hit, axis=-1))
+    hid = s.hidden
+    if d:
+        # Next step's MTP window ends at the new base - 1 = base + n_acc: rows n_acc + 1 ..
+        # n_acc + d + 1 of [this window, verified hidden states at base .. base + d].
+        both = jnp.concatenate([s.hidden, hidden.astype(s.hidden.dtype)], axis=1)  # [B, 2d+2, D]
+        hid = jnp.where(active[:, None, None], _read(both, n_acc + 1, d + 1), s.hidden)
+    accepted = s.accepted
+    if d:
+        took = (jnp.arange(d)[None] < n_acc[:, None]) & active[:, None]  # [B, d]
+        accepted = accepted + jnp.sum(took, axis=0).astype(jnp.int32)
+    return s.replace(
+        tokens=tokens,
+        base=s.base + committed,
+        hidden=hid,
+        n_new=s.n_new + committed,
+        done=done,
+        key=key,
+        steps=s.steps + 1,
+        committed=s.committed + jnp.sum(committed),
+        accepted=accepted,
+        active_steps=s.active_steps + jnp.sum(active).astype(jnp.int32),
+    )
+
+
+def _running(s: DecodeState, max_new: int) -> jax.Array:
+    """[] whether any row still generates."""
+    return jnp.any(~s.done & (s.n_new < max_new))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new", "d", "sampling", "eos", "pad", "stream")
+)
+def _generate(
+    state, graphdef, ids, lengths, key, *, max_new, d, sampling, eos, pad, stream
+) -> DecodeState:
+    model: MiMoV2Flash = nnx.merge(graphdef, state)
+    # The furthest position a step touches: verify writes up to base + d, accept base + d + 1.
+    max_len = ids.shape[1] + max_new + d
+    s = prefill(model, ids, lengths, key, d=d, max_len=max_len, sampling=sampling, pad=pad)
+    if eos is not None:
+        s = s.replace(done=s.tokens[jnp.arange(ids.shape[0]), lengths] == eos)
+    if stream is not None:  # row 0's tokens go to the host as soon as they are committed
+        first = s.tokens[:1, lengths[0]]  # [1]
+        jax.debug.callback(stream, first, jnp.ones((), jnp.int32), ordered=True)
+
+    def step(s: DecodeState) -> DecodeState:
+        s, drafts = draft(model, s, d, sampling)
+        s, logits, hidden = verify(model, s, drafts)
+        return accept(
+            s, drafts, logits, hidden, sampling=sampling, max_new=max_new, eos=eos, stream=stream
         )
 
-    s = jax.lax.while_loop(cond, body, loop)
-    return s
+    return jax.lax.while_loop(lambda s: _running(s, max_new), step, s)
 
 
 class _Stream:
@@ -278,16 +409,6 @@ class _Stream:
         n = int(count)
         if n > 0:
             self.fn(np.asarray(tokens)[:n])
-
-
-def _truncate_all(dec, keep_len):
-    """Invalidates slots at positions >= keep_len [B] in every decoder cache (stacked too)."""
-    layers = [c.truncate(keep_len) for c in dec["layers"]]
-    scanned = [
-        c.replace(pos=jnp.where(c.pos >= keep_len[None, :, None], -1, c.pos))
-        for c in dec["scanned"]
-    ]
-    return {"layers": layers, "scanned": scanned}
 
 
 def generate(
@@ -377,9 +498,7 @@ def generate(
         jax.random.key(seed),
         max_new=max_new_tokens,
         d=num_draft_tokens,
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
+        sampling=Sampling(float(temperature), int(top_k), float(top_p)),
         eos=eos_token_id,
         pad=pad_token_id,
         stream=None if stream is None else _Stream(stream),
@@ -387,11 +506,11 @@ def generate(
     return _finish(s, ids, lengths, max_new_tokens, num_draft_tokens, eos_token_id, pad_token_id)
 
 
-def _finish(s, ids, lengths, max_new, d, eos, pad) -> GenerateResult:
+def _finish(s: DecodeState, ids, lengths, max_new, d, eos, pad) -> GenerateResult:
     """Crops each row to its prompt + generated tokens (through EOS) and computes statistics."""
     b, t = ids.shape
-    buf = np.asarray(s["tokens"])
-    n_new = np.minimum(np.asarray(s["n_new"]), max_new)
+    buf = np.asarray(s.tokens)
+    n_new = np.minimum(np.asarray(s.n_new), max_new)
     out = np.full((b, t + max_new), pad, np.int32)
     out_len = np.zeros((b,), np.int32)
     for r in range(b):
@@ -401,11 +520,70 @@ def _finish(s, ids, lengths, max_new, d, eos, pad) -> GenerateResult:
         row = np.concatenate([ids[r, : lengths[r]], new])
         out[r, : len(row)] = row
         out_len[r] = len(row)
-    active = max(int(s["active_steps"]), 1)
+    active = max(int(s.active_steps), 1)
     return GenerateResult(
         tokens=jnp.asarray(out),
         lengths=jnp.asarray(out_len),
-        mean_accepted_length=jnp.asarray(float(s["committed"]) / active),
-        acceptance_rate=jnp.asarray(np.asarray(s["accepted"])[:d] / active),
-        num_steps=s["steps"],
+        mean_accepted_length=jnp.asarray(float(s.committed) / active),
+        acceptance_rate=jnp.asarray(np.asarray(s.accepted)[:d] / active),
+        num_steps=s.steps,
     )
+
+
+def cache_bytes(cfg, *, batch: int, max_length: int, max_new_per_step: int) -> dict:
+    """Bytes of the decoding cache of ``cfg`` versus caching every layer globally.
+
+    Shapes come from ``jax.eval_shape`` over an abstract model's ``init_cache``, so nothing is
+    allocated even for the full-size config.
+
+    Args:
+      cfg: a ``ModelConfig``.
+      batch: sequences.
+      max_length: slots of the global layers' linear caches (prompt + generated tokens).
+      max_new_per_step: most tokens one step writes (ring slack, see ``max_new_per_step``).
+
+    Returns:
+      Bytes *per sequence*: ``global``, ``swa``, ``mtp`` (k + v + slot positions of each kind of
+      cache, summed over its layers), ``total`` (their sum), ``all_global`` (the same layers and
+      kv heads, every one of them a linear cache over ``max_length``), ``kv_only`` and
+      ``all_global_kv_only`` (the same two without the int32 slot positions), and ``ratio``
+      (``all_global / total``).
+    """
+    model = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_length, max_new_per_step))
+    sliding = [m.self_attn.is_sliding for m in model.layers]
+    slot_sliding = [m.self_attn.is_sliding for m in model.scanned]
+    groups = {"global": [], "swa": [], "mtp": list(shapes["mtp"])}
+    for c, is_swa in zip(shapes["layers"], sliding, strict=True):
+        groups["swa" if is_swa else "global"].append(c)
+    for c, is_swa in zip(shapes["scanned"], slot_sliding, strict=True):
+        groups["swa" if is_swa else "global"].append(c)  # stacked: leading repeats axis
+
+    def nbytes(x, slot_axis: int, slots: int | None = None) -> int:
+        """Bytes of x, or of x with ``slots`` entries along its slot axis."""
+        shape = list(x.shape)
+        if slots is not None:
+            shape[slot_axis] = slots
+        return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+
+    out = {}
+    total = kv = full = full_kv = 0
+    for name, caches in groups.items():
+        out[name] = 0
+        for c in caches:  # k, v: [..., B, S, K, H]; pos: [..., B, S]
+            b_kv = nbytes(c.k, -3) + nbytes(c.v, -3)
+            f_kv = nbytes(c.k, -3, max_length) + nbytes(c.v, -3, max_length)
+            out[name] += b_kv + nbytes(c.pos, -1)
+            kv += b_kv
+            full_kv += f_kv
+            full += f_kv + nbytes(c.pos, -1, max_length)
+        out[name] //= batch
+        total += out[name]
+    out.update(
+        total=total,
+        all_global=full // batch,
+        kv_only=kv // batch,
+        all_global_kv_only=full_kv // batch,
+    )
+    out["ratio"] = out["all_global"] / out["total"]
+    return out

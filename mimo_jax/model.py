@@ -296,6 +296,70 @@ class MiMoV2Flash(nnx.Module):
             "mtp": [m.self_attn.init_cache(*args) for m in self.mtp],
         }
 
+    def prefill(
+        self, input_ids: jax.Array, lengths: jax.Array, cache: dict
+    ) -> tuple[jax.Array, dict]:
+        """Runs right-padded prompts through the decoder and fills its caches.
+
+        Args:
+          input_ids: int [B, T] prompts, row b valid up to ``lengths[b]``.
+          lengths: int [B] prompt lengths.
+          cache: caches from ``init_cache`` (the MTP caches pass through; see ``mtp_extend``).
+
+        Returns:
+          post-norm hidden states [B, T, D] (the input of MTP depth 0), the updated caches.
+        """
+        b, t = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h, _, dec = self.decoder(self.embed_tokens(input_ids), positions, None, cache, lengths)
+        return self.norm(h), {**dec, "mtp": cache["mtp"]}
+
+    def extend(
+        self, input_ids: jax.Array, positions: jax.Array, cache: dict
+    ) -> tuple[jax.Array, dict]:
+        """Appends tokens to the decoder caches and runs them (a decode or verify step).
+
+        Args:
+          input_ids: int [B, T] new tokens (T = 1 + draft tokens).
+          positions: int [B, T] their consecutive positions; every cached key at a position
+            >= ``positions[:, 0]`` must be one these tokens overwrite (or an empty slot).
+          cache: caches from ``init_cache``, filled by ``prefill`` (the MTP caches pass through).
+
+        Returns:
+          post-norm hidden states [B, T, D], the updated caches.
+        """
+        h, _, dec = self.decoder(self.embed_tokens(input_ids), positions, None, cache)
+        return self.norm(h), {**dec, "mtp": cache["mtp"]}
+
+    def mtp_extend(
+        self,
+        depth: int,
+        input_ids: jax.Array,
+        h_prev: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        lengths: jax.Array | None = None,
+        offset: int = 0,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs MTP depth ``depth`` against its cache (fills it when ``lengths`` is given).
+
+        Args:
+          depth: k, the MTP layer.
+          input_ids: int [B, T] the tokens it consumes (token i + k + 1 at index i).
+          h_prev: [B, T, D] depth k - 1's output (the main model's post-norm hidden for k = 0).
+          positions: int [B, T] positions of the consumed tokens; negative entries neither write
+            nor see keys.
+          cache: this depth's KVCache (``init_cache(...)["mtp"][depth]``).
+          lengths: int [B] valid entries per row (prefill only).
+          offset: prefill only: the position of entry 0.
+
+        Returns:
+          post-``final_layernorm`` hidden states [B, T, D] (``logits`` of them predict token
+          i + k + 2), the updated cache.
+        """
+        layer = self.mtp[depth]
+        return layer(self.embed_tokens(input_ids), h_prev, positions, cache, lengths, offset)
+
     def __call__(
         self,
         input_ids: jax.Array,

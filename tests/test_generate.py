@@ -26,8 +26,7 @@ import pytest
 from flax import nnx
 
 import mimo_jax
-from mimo_jax.cache import cache_bytes, max_new_per_step
-from mimo_jax.generate import generate
+from mimo_jax.generate import cache_bytes, generate, max_new_per_step
 
 WINDOW = 5
 MAX_NEW = 32
@@ -332,7 +331,7 @@ def test_cache_bytes_real_config_256k():
     n_global, n_swa, n_mtp = kinds.count("full_attention"), kinds.count("sliding"), 3
     assert (n_global, n_swa, cfg.num_mtp_layers) == (9, 39, n_mtp)
     kv_row = 192 + 128  # k head dim + v head dim
-    ring = cfg.sliding_window + slack  # 129 + 6 slots
+    ring = cfg.sliding_window + slack  # 129 + 4 slots
     bf16, pos = 2, 4  # bytes per k/v element, per slot position (int32)
     want_global = n_global * n * (4 * kv_row * bf16 + pos)
     want_swa = n_swa * ring * (8 * kv_row * bf16 + pos)
