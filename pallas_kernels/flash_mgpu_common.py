@@ -26,8 +26,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_common import NT_DIMS
 
-__all__ = ["COMPUTE_WGS", "MgpuBlockSizes", "check_inputs", "mgpu_block_sizes"]
-
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # Masked logit in the base-2 domain. Finite so that rows whose first blocks are fully masked get
