@@ -5,7 +5,9 @@ Each notebook is executed with nbclient in a fresh ``python3`` kernel started in
 checkout and installs nothing), ``MIMO_NOTEBOOK_SMALL=1`` (tiny sizes) and ``MIMO_NOTEBOOK_OUT``
 pointing at a temporary directory, where every figure must appear, and
 ``JAX_DISABLE_MOST_OPTIMIZATIONS=1`` to cut compile time. The notebooks are committed without
-outputs; a test keeps them that way. The figure functions are also drawn directly.
+outputs and with their full-size run time in the first cell; a test keeps them that way. The
+figure functions (``notebooks/figures.py``) are also drawn directly. The full-size configurations
+are validated in tests/test_notebook_configs.py.
 """
 
 import os
@@ -39,6 +41,8 @@ def test_every_notebook_is_listed_and_clean():
     for name in found:
         nb = _read(name)
         nbformat.validate(nb)
+        # The full-size run time is stated up front (docs/notebooks.md: how it was measured).
+        assert "Runs top to bottom in about" in nb.cells[0].source, f"{name}: no run time"
         for i, cell in enumerate(nb.cells):
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, (
