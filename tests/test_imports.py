@@ -9,8 +9,9 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("mimo_jax", "pallas_kernels")
-# Directories (and single files) whose Python sources must stay readable in one sitting.
-SOURCES = ("mimo_jax", "pallas_kernels", "bench", "tests", "configs", "main.py")
+# Directories whose Python sources must stay readable in one sitting, besides the top-level
+# scripts (main.py and its process setup).
+SOURCES = ("mimo_jax", "pallas_kernels", "bench", "tests", "configs", "notebooks")
 MAX_LINES = 600
 
 
@@ -115,8 +116,8 @@ def test_no_import_cycles():
 
 
 def test_no_source_file_over_600_lines():
-    files = [ROOT / s for s in SOURCES if s.endswith(".py")]
-    files += [p for s in SOURCES if not s.endswith(".py") for p in (ROOT / s).rglob("*.py")]
+    files = sorted(ROOT.glob("*.py")) + [p for s in SOURCES for p in (ROOT / s).rglob("*.py")]
+    assert ROOT / "main.py" in files
     long = {
         str(p.relative_to(ROOT)): n
         for p in files
