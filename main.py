@@ -1,5 +1,9 @@
 """mimo-jax command line. Flags are parsed here; everything else is a library call.
 
+Progress is printed; absl INFO logs (the checkpointing library's included) appear with
+--verbosity=0. A mistake in the flags, the config or the files ends with one line on stderr;
+--verbosity=1 shows the traceback of every error.
+
 python main.py --config=configs/tiny.py --workdir=runs/tiny        # train (default)
 python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
 python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_tokens=3
@@ -17,9 +21,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mimo_jax import checkpoint, data, hf, host, train
+import process_setup
+from mimo_jax import checkpoint, data, hf, train
 from mimo_jax.generate import generate
 
+PROG = "main.py"
 MODES = ("train", "eval", "generate", "import_hf", "export_hf")
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -45,7 +51,8 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.")
+with process_setup.exit_on_flag_error(PROG):  # without --config, the default loads here
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -61,13 +68,13 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str | None = None) -> None
         shutil.copy(os.path.join(hf_dir, TOKENIZER_FILE), os.path.join(workdir, TOKENIZER_FILE))
     ckpt.save(0, model)
     ckpt.close()
-    logging.info("imported %s -> %s", hf_dir, workdir)
+    print(f"imported {hf_dir} -> {workdir}")
 
 
 def export_hf(workdir: str, hf_dir: str, overwrite: bool = False) -> None:
     """Workdir's latest checkpoint -> HF checkpoint directory."""
     hf.save_hf(checkpoint.load_model(workdir), hf_dir, overwrite=overwrite)
-    logging.info("exported %s -> %s", workdir, hf_dir)
+    print(f"exported {workdir} -> {hf_dir}")
 
 
 def generate_text(workdir: str) -> str:
@@ -78,11 +85,14 @@ def generate_text(workdir: str) -> str:
     tokenizer = data.load_tokenizer(tok_path if os.path.exists(tok_path) else None)
     ids = tokenizer.encode(FLAGS.prompt)
     if len(ids) == 0:
-        raise app.UsageError("--prompt must not be empty")
+        raise ValueError("--prompt must not be empty")
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(FLAGS.prompt)
+    started = []
 
     def stream(new_tokens):  # printed as the device loop commits them
+        if not started:  # the prompt first, once generate has accepted the arguments
+            sys.stdout.write(FLAGS.prompt)
+            started.append(True)
         sys.stdout.write(utf8.decode(tokenizer.decode_bytes(new_tokens)))
         sys.stdout.flush()
 
@@ -98,6 +108,7 @@ def generate_text(workdir: str) -> str:
         seed=FLAGS.seed,
         stream=stream,
     )
+    stream(np.zeros(0, np.int32))  # the prompt, if nothing was generated
     sys.stdout.write(utf8.decode(b"", final=True) + "\n")
     new = np.asarray(res.tokens[0, len(ids) : int(res.lengths[0])])
     text = tokenizer.decode(new)
@@ -108,11 +119,26 @@ def generate_text(workdir: str) -> str:
     return text
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    with process_setup.exit_on_flag_error(PROG):
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # loads --config and applies its overrides now
+    return rest
+
+
 def main(argv):
+    process_setup.quiet_logs()
+    with process_setup.exit_on_user_error(PROG):
+        run(argv)
+
+
+def run(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise ValueError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.mode in ("import_hf", "export_hf") and not FLAGS.hf_dir:
+        raise ValueError(f"--mode={FLAGS.mode} needs --hf_dir")
     if FLAGS.mode in ("train", "eval") and FLAGS.config.keep_freed_memory:
-        host.keep_freed_memory()  # before the backend starts its threads
+        process_setup.keep_freed_memory()  # before the backend starts its threads
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Before anything touches a device: every process then sees the global device list.
         jax.distributed.initialize(
@@ -122,8 +148,6 @@ def main(argv):
         )
     logging.info("jax %s, process %d/%d, devices %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())  # fmt: skip
-    if FLAGS.mode in ("import_hf", "export_hf") and not FLAGS.hf_dir:
-        raise app.UsageError(f"--mode={FLAGS.mode} needs --hf_dir")
     if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
@@ -139,4 +163,4 @@ def main(argv):
 
 if __name__ == "__main__":
     jax.config.config_with_absl()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from mimo_jax import hf, host  # noqa: E402  (needs the path above)
+import process_setup  # noqa: E402  (needs the path above)
+from mimo_jax import hf  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results")
 
@@ -64,12 +65,12 @@ def median_seconds(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
 
 
 def add_malloc_flag(p: argparse.ArgumentParser) -> None:
-    """``--keep-freed-memory`` (default on, as in the CPU configs): see ``mimo_jax/host.py``."""
+    """``--keep-freed-memory`` (default on, as in the CPU configs): see ``process_setup.py``."""
     p.add_argument(
         "--keep-freed-memory",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="glibc malloc keeps freed memory, for both sides (mimo_jax/host.py)",
+        help="glibc malloc keeps freed memory, for both sides (process_setup.py)",
     )
 
 
@@ -79,7 +80,7 @@ def apply_malloc_flag(a: argparse.Namespace) -> bool:
     Returns:
       Whether the setting is in effect (False when off, or where the C library is not glibc).
     """
-    return host.keep_freed_memory() if a.keep_freed_memory else False
+    return process_setup.keep_freed_memory() if a.keep_freed_memory else False
 
 
 def host_info() -> dict:

@@ -19,8 +19,9 @@ def model_dict(**fields) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # glibc malloc keeps freed memory (mimo_jax/host.py): no page faults on XLA:CPU's per-step
-    # temporaries, but the process stays at its peak resident memory. CPU configs only.
+    # glibc malloc keeps freed memory (process_setup.py, applied by main.py): no page faults on
+    # XLA:CPU's per-step temporaries, but the process stays at its peak resident memory. CPU
+    # configs only.
     c.keep_freed_memory = False
     c.model = model_dict()
 

@@ -25,6 +25,6 @@ def get_config():
         dtype="auto",  # bf16 on accelerators, fp32 on CPU
         param_dtype="float32",
     )
-    c.keep_freed_memory = True  # a CPU config: see mimo_jax/host.py
+    c.keep_freed_memory = True  # a CPU config: see process_setup.keep_freed_memory
     c.mesh.shape = (1, 1, 1, 1)  # one device, even where tests fake 8
     return c

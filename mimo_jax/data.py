@@ -331,6 +331,27 @@ def get_batch(
     return np.stack([tokens[o : o + seq_len + 1] for o in offsets]).astype(np.int32)  # [B, T+1]
 
 
+def num_eval_batches(
+    tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None = None
+) -> int:
+    """The number of batches ``eval_batches`` yields for these arguments.
+
+    Raises:
+      ValueError: as ``eval_batches``.
+    """
+    n = _check_window(tokens, batch_size, seq_len)
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None (every window), got {max_batches}")
+    windows = (n - 1) // seq_len
+    num = windows // batch_size
+    if num == 0:
+        raise ValueError(
+            f"validation split of {n} tokens holds {windows} windows of "
+            f"seq_len={seq_len}, fewer than batch_size={batch_size}"
+        )
+    return num if max_batches is None else min(num, max_batches)
+
+
 def eval_batches(
     tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None = None
 ) -> Iterator[np.ndarray]:
@@ -355,17 +376,8 @@ def eval_batches(
     Raises:
       ValueError: fewer than ``batch_size`` windows fit in ``tokens``, or ``max_batches`` < 1.
     """
-    n = _check_window(tokens, batch_size, seq_len)
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None (every window), got {max_batches}")
-    windows = (n - 1) // seq_len
-    num = windows // batch_size
-    if num == 0:
-        raise ValueError(
-            f"validation split of {n} tokens holds {windows} windows of "
-            f"seq_len={seq_len}, fewer than batch_size={batch_size}"
-        )
-    num = num if max_batches is None else min(num, max_batches)
+    num = num_eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+    windows = (len(tokens) - 1) // seq_len
     starts = np.arange(num * batch_size) * (windows // (num * batch_size)) * seq_len  # [K]
 
     def gen() -> Iterator[np.ndarray]:

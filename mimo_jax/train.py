@@ -27,6 +27,7 @@ from mimo_jax import sharding as sh
 from mimo_jax.config import SPARSE, ModelConfig, from_config_dict
 from mimo_jax.loss import model_loss
 from mimo_jax.model import MiMoV2Flash
+from mimo_jax.progress import Progress, format_seconds
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer and balancing.
@@ -129,6 +130,7 @@ def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict, s
         # Share of expert assignments an expert_parallel capacity dropped, mean over MoE layers.
         n_moe = max(1, sum(k == SPARSE for k in cfg.mlp_layer_types))
         metrics["dropped_fraction"] = jnp.sum(out.aux["dropped_fraction"]) / n_moe
+        metrics["loss"] = loss  # the optimised total: ce + MTP and balance terms
         return loss, (metrics, out.aux["expert_load"])
 
     def step(state, tokens):
@@ -200,6 +202,7 @@ def evaluate(
     ec,
     bytes_per_token: float,
     eval_step: Callable | None = None,
+    keep_progress: bool = False,
 ) -> dict:
     """Validation loss and bits per byte over fixed windows spread over the split.
 
@@ -213,6 +216,8 @@ def evaluate(
       bytes_per_token: mean UTF-8 bytes per token, for bits per byte.
       eval_step: ``make_eval_step(nnx.graphdef(model), ec.loss_chunk)``, built once by a loop
         that evaluates repeatedly (a new one compiles again); None builds one.
+      keep_progress: print the final ``eval batch n/n`` line (else the batch count is only
+        shown on a terminal while it runs).
 
     Returns:
       ``val_loss`` (nats/token), ``val_bpb`` (= val_loss / ln 2 / bytes_per_token), per-depth
@@ -226,16 +231,15 @@ def evaluate(
     graphdef, state = nnx.split(model)
     step = eval_step or make_eval_step(graphdef, ec.loss_chunk)
     sums, n = {}, 0
-    batches = data.eval_batches(
-        val_tokens,
-        batch_size=ec.batch_size,
-        seq_len=ec.seq_len,
-        max_batches=ec.eval_batches or None,
-    )
-    for batch in batches:
+    window = dict(batch_size=ec.batch_size, seq_len=ec.seq_len, max_batches=ec.eval_batches or None)
+    total = data.num_eval_batches(val_tokens, **window)
+    progress = Progress("eval batch", total, keep=keep_progress)
+    for batch in data.eval_batches(val_tokens, **window):
         m = step(state, sh.put_batch(batch))
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
         n += 1
+        progress.update(n)
+    progress.close()
     out = {f"val_{k}": v / n for k, v in sums.items() if k != "aux_loss"}
     out["val_loss"] = out.pop("val_ce")
     out["val_bpb"] = out["val_loss"] / math.log(2) / bytes_per_token
@@ -358,12 +362,17 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
     start = 0
     if ckpt.latest_step() is not None:
         start = ckpt.restore(model, opt)
-        logging.info("resumed from step %d in %s", start, workdir)
     elif jax.process_index() == 0:
         checkpoint.save_model_config(workdir, cfg)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    logging.info("model: %.2fM parameters, %d layers, plan %s", n_params / 1e6, cfg.num_layers,
-                 model.plan)  # fmt: skip
+    logging.info("layer plan %s", model.plan)
+    progress = Progress("step", tc.steps, start=start, every_s=math.inf)
+    progress.say(
+        f"{n_params / 1e6:.2f}M parameters, {cfg.num_layers} layers, {jax.device_count()} "
+        f"{jax.default_backend()} device(s); {workdir}: "
+        + (f"resuming at step {start}" if start else "new run")
+        + f"; metrics every {tc.log_every} steps in metrics.jsonl"
+    )
 
     graphdef, state = nnx.split((model, opt))
     train_step = make_train_step(graphdef, cfg, tc, sh.state_shardings((model, opt)))
@@ -372,6 +381,8 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     last: dict[str, float] = {}
     t0, window_steps = time.perf_counter(), 0
+    if start < tc.steps:
+        progress.say(f"compiling the train step (step {start + 1} takes longer)")
     for step in range(start, tc.steps):
         batch = np.stack(
             [
@@ -388,7 +399,15 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
         state, metrics = train_step(state, sh.put_batch(batch, batch_dim=1))
         window_steps += 1
         done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
+        log = done % tc.log_every == 0 or done == tc.steps
+        if step == start:
+            # The first step compiles: throughput (and the ETA) count from its end.
+            jax.block_until_ready(metrics)
+            compiled = time.perf_counter()
+            progress.say(f"step {done} ran in {format_seconds(compiled - t0)} (compiling)")
+            if not log:
+                t0, window_steps = compiled, 0
+        if log:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
             metrics["tokens_per_sec"] = window_steps * tokens_per_step / dt
@@ -399,31 +418,41 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
                 t0 = time.perf_counter()  # evaluation time is not training throughput
             writer.write(done, metrics)
             last = metrics
-            logging.info(_progress_line(done, tc.steps, metrics))
+            progress.update(done, _progress_fields(metrics), force=True)
+        else:
+            progress.update(done)
         if done % tc.checkpoint_every == 0 or done == tc.steps:
+            t_save = time.perf_counter()
             nnx.update((model, opt), state)
             ckpt.save(done, model, opt)
+            t0 += time.perf_counter() - t_save  # nor is checkpointing time
     nnx.update((model, opt), state)
     ckpt.close()
     writer.close()
+    progress.say(f"step {tc.steps} reached; checkpoints in {ckpt.directory}")
     if tc.sample_len:
         prompt = tokenizer.encode(tc.sample_prompt)
         text = tokenizer.decode(sample(model, prompt, tc.sample_len, temperature=0.8, seed=0))
-        logging.info("sample:\n%s%s", tc.sample_prompt, text)
         print(f"--- sample ---\n{tc.sample_prompt}{text}\n--------------", flush=True)
     return last
 
 
-def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
+def _progress_fields(m: dict[str, float]) -> str:
+    """The metrics of a progress line, named as in metrics.jsonl (``mtp_ce`` lists each depth's
+    ``mtp_ce_<k>``)."""
     mtp = "/".join(f"{m[k]:.3f}" for k in sorted(m) if k.startswith("mtp_ce_"))
-    line = (
-        f"step {step}/{total} | loss {m['ce']:.4f} | mtp {mtp or '-'} | gnorm {m['grad_norm']:.3f}"
-        f" | lr {m['lr']:.2e} | {m['tokens_per_sec']:.0f} tok/s"
-        f" | load max/mean {m['load_max_over_mean']:.2f} | zeros {m['num_zeros']:.0f}"
-    )
+    fields = [f"loss {m['loss']:.4f}", f"ce {m['ce']:.4f}"]
+    if mtp:
+        fields.append(f"mtp_ce {mtp}")
+    fields += [
+        f"grad_norm {m['grad_norm']:.3f}",
+        f"lr {m['lr']:.2e}",
+        f"load_max_over_mean {m['load_max_over_mean']:.2f}",
+        f"tokens_per_sec {m['tokens_per_sec']:.0f}",
+    ]
     if "val_loss" in m:
-        line += f" | val {m['val_loss']:.4f} ({m['val_bpb']:.3f} bpb)"
-    return line
+        fields += [f"val_loss {m['val_loss']:.4f}", f"val_bpb {m['val_bpb']:.3f}"]
+    return " | ".join(fields)
 
 
 def sample(model: MiMoV2Flash, prompt: np.ndarray, n: int, *, temperature: float, seed: int):
@@ -464,5 +493,5 @@ def eval_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     splits = data.load_tokens(config.data)
     return evaluate(
         model, splits.validation, config.train,
-        data.bytes_per_token(splits.validation[:100_000], tokenizer),
+        data.bytes_per_token(splits.validation[:100_000], tokenizer), keep_progress=True,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""mimo_jax.host: glibc malloc keeps XLA's freed temp buffers (measured by page faults)."""
+"""process_setup.keep_freed_memory: glibc malloc keeps XLA's freed temp buffers (measured by page
+faults)."""
 
 import os
 import platform
@@ -13,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # heap to reach its steady state, then the minor page faults per call over 10 more.
 _PROGRAM = """
 import resource, sys
-from mimo_jax import host
+import process_setup
 if sys.argv[1] == "keep":
-    assert host.keep_freed_memory()
+    assert process_setup.keep_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sum(jnp.sin(x) @ jnp.cos(x)))
 x = jnp.ones((2048, 2048))
