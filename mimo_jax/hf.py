@@ -233,8 +233,10 @@ def _read_checked(ckpt: _Checkpoint, name: str, entry: Entry) -> np.ndarray:
             raise ValueError(f"checkpoint tensor {name!r} is {dtype} but {scale_name!r} is missing")
         want = tuple(-(-s // FP8_BLOCK) for s in shape)
         if ckpt.shape(scale_name) != want or ckpt.dtype(scale_name) != "F32":
-            # The released checkpoint may pad the global-layer k_proj scales per KV head
-            # (reference 4.3, unconfirmed); refuse rather than guess a block layout.
+            # Only plain 128x128 blocks are read. The released checkpoint's global-layer k_proj
+            # scales are [8, 32], not [6, 32]: blocks per KV head over its fused K|V rows, which
+            # also scale part of v_proj (as sglang-jax dequantizes them). Refuse rather than
+            # misread them.
             raise ValueError(
                 f"checkpoint tensor {scale_name!r} is {ckpt.dtype(scale_name)} "
                 f"{ckpt.shape(scale_name)}, expected F32 {want} (128x128 blocks)"

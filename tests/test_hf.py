@@ -25,6 +25,7 @@ from hf_testing import (
     read_dir,
     write_dir,
 )
+from numerics_testing import FP32_REL, assert_close
 from safetensors import safe_open
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
@@ -39,17 +40,6 @@ _outputs = jax.jit(lambda m, ids: m(ids))
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _assert_close(got, want, atol, what):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    assert np.isfinite(got).all(), f"{what}: non-finite values in ours"
-    assert np.isfinite(want).all(), f"{what}: non-finite values in the reference"
-    diff = np.abs(got - want).max()
-    assert diff <= atol, (
-        f"{what}: max abs diff {diff:.3g} > {atol:g} (max |ref| {np.abs(want).max():.3g})"
-    )
 
 
 def _layers(spec: str) -> tuple[list[str], list[str]]:
@@ -183,7 +173,7 @@ def test_import_matches_transformers(name, tmp_path):
     with torch.no_grad():
         want = tm(torch.from_numpy(ids), use_cache=False).logits.float().numpy()
     got = _logits(model, jnp.asarray(ids))
-    _assert_close(got, want, 1e-4, f"{name} logits vs transformers")
+    assert_close(got, want, FP32_REL, f"{name} logits vs transformers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +199,9 @@ def test_export_loads_in_transformers(tmp_path):
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 19))
     with torch.no_grad():
         want = tm(torch.from_numpy(ids), use_cache=False).logits.float().numpy()
-    _assert_close(_logits(model, jnp.asarray(ids)), want, 1e-4, "exported logits in transformers")
+    assert_close(
+        _logits(model, jnp.asarray(ids)), want, FP32_REL, "exported logits in transformers"
+    )
 
     # Re-saved by transformers: the MTP weights are gone but config.json still counts them.
     tm.save_pretrained(tmp_path / "resaved")
@@ -284,7 +276,7 @@ def test_round_trip_bit_exact_with_mtp(num_mtp, count_from, tmp_path):
     assert len(o1.mtp_logits) == len(o2.mtp_logits) == num_mtp
     pairs = zip((o1.logits, *o1.mtp_logits), (o2.logits, *o2.mtp_logits), strict=True)
     for k, (a, b) in enumerate(pairs):
-        _assert_close(a, b, 0.0, f"round-tripped {'logits' if k == 0 else f'mtp_logits[{k - 1}]'}")
+        assert_close(a, b, 0.0, f"round-tripped {'logits' if k == 0 else f'mtp_logits[{k - 1}]'}")
 
 
 def test_mtp_tensors_land_under_hub_names(tmp_path):
@@ -307,7 +299,7 @@ def test_mtp_tensors_land_under_hub_names(tmp_path):
             "input_layernorm.weight": val(layer.input_layernorm.scale),
             "pre_mlp_layernorm.weight": val(layer.post_attention_layernorm.scale),
             "final_layernorm.weight": val(layer.final_layernorm.scale),
-            # [D, 2D]: the first D input columns act on enorm(embedding) (reference 3.1).
+            # [D, 2D]: the first D input columns act on enorm(embedding), as in SGLang and vLLM.
             "eh_proj.weight": val(layer.eh_proj.kernel).T,
             "self_attn.attention_sink_bias": val(layer.self_attn.sinks),
             "self_attn.q_proj.weight": val(layer.self_attn.q_proj.kernel).reshape(d, -1).T,

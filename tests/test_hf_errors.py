@@ -197,7 +197,8 @@ def test_failed_export_leaves_nothing_behind(existing, small_ckpt, tmp_path, mon
 
 
 def _hub_config(n: int, window: int) -> dict:
-    """A hub-style (remote-code) config.json for a tiny model: reference section 1.1 keys."""
+    """A hub-style (remote-code) config.json for a tiny model, with the model keys of the released
+    ``XiaomiMiMo/MiMo-V2-Flash`` config.json (not its quantization_config or auto_map)."""
     return {
         "architectures": ["MiMoV2FlashForCausalLM"],
         "model_type": "mimo_v2_flash",

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numerics_testing import BF16_REL, assert_close
 
 import mimo_jax
 from mimo_jax import moe as moe_lib
@@ -70,6 +71,27 @@ def test_bias_changes_selection_not_weights():
     assert np.all(np.any(np.asarray(idx) == 5, axis=-1))
     picked = np.take_along_axis(np.asarray(scores), np.asarray(idx), -1)
     np.testing.assert_allclose(np.asarray(wts), picked / picked.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_bfloat16_routes_as_float32():
+    """With bf16 compute the router still runs in fp32: on the same bf16-representable input
+    and weights, bf16 and fp32 MoEs choose the same experts and their outputs differ by bf16
+    rounding. A bf16 router matmul or sigmoid rounds the scores (~0.5 here) to steps of
+    2^-9..2^-8, so near-equal experts tie or swap and the routing differs."""
+    cfg = _cfg(num_expert_groups=2, topk_groups=1)
+    f32 = MoE(cfg, rngs=nnx.Rngs(4))
+    f32.router.bias.set_value(jax.random.normal(jax.random.key(6), (8,)) * 0.01)
+    state = jax.tree.map(lambda v: v.astype(jnp.bfloat16).astype(v.dtype), nnx.state(f32))
+    nnx.update(f32, state)
+    b16 = MoE(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(b16, state)
+    x = jax.random.normal(jax.random.key(5), (4, 32, 24)).astype(jnp.bfloat16)  # [B, T, D]
+    (ya, aux_a), (yb, aux_b) = f32(x.astype(jnp.float32)), b16(x)
+    np.testing.assert_array_equal(aux_b["routing"], aux_a["routing"])
+    assert yb.dtype == jnp.bfloat16
+    # Each expert rounds to bf16 after both input matmuls, the SwiGLU product and the output
+    # matmul, whose sums cancel: the outputs land up to ~1e-2 of the largest one.
+    assert_close(yb, ya, 2 * BF16_REL, "bf16 vs fp32 MoE output")
 
 
 def _loss(moe, x):
