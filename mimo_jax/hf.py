@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 
 from mimo_jax.hf_config import config_from_hf, config_to_hf
 from mimo_jax.model import MiMoV2Flash
+from mimo_jax.progress import Progress
 
 INDEX_FILE = "model.safetensors.index.json"
 FP8_BLOCK = 128
@@ -334,6 +335,7 @@ def load_hf(path: str, **overrides) -> MiMoV2Flash:
     by_leaf: dict[tuple, list[tuple[str, Entry]]] = {}
     for name, entry in table.items():
         by_leaf.setdefault(entry.path, []).append((name, entry))
+    progress = Progress("read tensor", len(table), keep=False)
     for leaf_path, var in leaves.items():
         if leaf_path not in by_leaf:
             raise AssertionError(f"no checkpoint tensor maps to parameter {leaf_path}")
@@ -341,7 +343,9 @@ def load_hf(path: str, **overrides) -> MiMoV2Flash:
         for name, entry in by_leaf[leaf_path]:
             x = _read_checked(ckpt, name, entry)
             buf[entry.index] = _to_leaf_layout(x, entry, var.shape).astype(buf.dtype)
+            progress.update(progress.done + 1)
         var.set_value(jnp.asarray(buf))
+    progress.close()
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -406,13 +410,16 @@ def save_hf(
                 shards.append(list(pending))
                 pending, size = {}, 0
 
+        progress = Progress("write tensor", len(hf_entries(model)), keep=False)
         for name, x in _hf_tensors(model):
             if pending and size + x.nbytes > max_shard_bytes:
                 flush()
             pending[name] = x
             size += x.nbytes
             total += x.nbytes  # HF's total_size counts tensor bytes, not file sizes
+            progress.update(progress.done + 1, f"{len(files)} files written")
         flush()
+        progress.close()
         weight_map = {}
         for i, names in enumerate(shards):
             new = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
