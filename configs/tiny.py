@@ -48,8 +48,8 @@ def get_config():
     c.train.warmup_steps = 100
     c.train.hold_steps = 1400  # the recipe's shape: hold the peak lr, then cosine
     c.train.weight_decay = 0.3  # the recipe's 0.1 ended with a higher validation loss here
-    # The paper's 1e-3 needs ~100 steps to move a bias by 0.1, and until then whole experts get
-    # no tokens; 1e-2 moves it in ~10 steps of this short run.
+    # The technical report's rate of 1e-3 needs ~100 steps to move a bias by 0.1, and until
+    # then whole experts get no tokens; 1e-2 moves it in ~10 steps of this short run.
     c.train.bias_update_rate = 1e-2
     c.train.log_every = 100
     c.train.eval_every = 600

@@ -36,8 +36,9 @@ from mimo_jax.progress import Progress, format_seconds
 def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup to ``lr``, ``hold_steps`` at ``lr``, cosine to ``lr * min_lr_ratio``.
 
-    The cosine ends at ``steps``. ``hold_steps=0`` is plain warmup + cosine; the paper holds its
-    peak for most of pre-training (reference section 6).
+    The cosine ends at ``steps``. ``hold_steps=0`` is plain warmup + cosine; MiMo-V2-Flash holds
+    its peak for most of pre-training (the MiMo-V2-Flash technical report, section 3;
+    docs/training.md).
 
     Args:
       tc: ``config.train`` (lr, min_lr_ratio, warmup_steps, hold_steps, steps).
@@ -93,7 +94,7 @@ def update_expert_bias(model: MiMoV2Flash, expert_load: jax.Array, rate: float) 
     Args:
       model: updated in place (the router ``ExpertBias`` variables; never the gradients).
       expert_load: [L, E] assignments per expert in the step's batch.
-      rate: update rate (1e-3 in pre-training).
+      rate: update rate (1e-3 in the technical report's pre-training, section 3).
     """
     for i, kind in enumerate(model.cfg.mlp_layer_types):
         if kind != SPARSE:
