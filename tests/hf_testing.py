@@ -86,5 +86,7 @@ def assert_checkpoints_equal(d1, d2):
         assert x.dtype == y.dtype and x.shape == y.shape, (
             f"{name}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
         )
-        assert np.array_equal(x, y), f"{name}: not bit-exact"
+        assert np.array_equal(x, y), (
+            f"{name}: not bit-exact, max diff {np.abs(x.astype(np.float64) - y).max():.3g}"
+        )
     assert read_config(d1) == read_config(d2)
