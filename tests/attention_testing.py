@@ -1,10 +1,9 @@
 """Helpers shared by the attention tests (test_attention_xla, _pallas, _mgpu): random operands and
-a closeness check scaled to the magnitude of the reference.
+the relative bound per operand dtype for ``numerics_testing.assert_close``.
 
-A bound is relative to the largest magnitude in the reference, max |got - want| <= rtol *
-max |want|: attention outputs are averages of values (~0.1 to ~1) while gradients summed over GQA
-groups and windows reach ~10, so one absolute bound is loose for the first and tight for the
-second.
+Bounds are relative to the largest magnitude in the reference: attention outputs are averages of
+values (~0.1 to ~1) while gradients summed over GQA groups and windows reach ~10, so one absolute
+bound is loose for the first and tight for the second.
 """
 
 import jax.numpy as jnp
@@ -65,29 +64,3 @@ def random_inputs(
     q, kk, v = normal(b, t, n, h), normal(b, s, k, h), normal(b, s, k, p)
     sink_logits = normal(n, dt=sinks_dtype) if sinks else None
     return q, kk, v, sink_logits, normal(b, t, n, p, std=ct_std)
-
-
-def assert_close(got, want, tol: float, name: str):
-    """Asserts equal shapes, finite values, then max |got - want| <= tol * max |want|.
-
-    Prints the achieved max difference (shown by ``pytest -s`` and with a failure), so the bound
-    can be kept near the precision the code reaches.
-
-    Args:
-      got: array under test.
-      want: reference array.
-      tol: bound relative to max |want|; 0 demands equality.
-      name: names the comparison in messages.
-    """
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    assert np.isfinite(got).all(), f"{name}: non-finite values in the result"
-    assert np.isfinite(want).all(), f"{name}: non-finite values in the reference"
-    diff, scale = np.abs(got - want).max(initial=0.0), np.abs(want).max(initial=0.0)
-    relative = diff / scale if scale else (0.0 if diff == 0.0 else np.inf)
-    message = (
-        f"{name}: max |diff| {diff:.3g} = {relative:.3g} x max |want| {scale:.3g} (bound {tol:g} x)"
-    )
-    print(message)
-    assert diff <= tol * scale, message

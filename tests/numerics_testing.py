@@ -1,5 +1,5 @@
 """Closeness checks scaled to the magnitude of what they compare, shared by the model tests
-(test_hf, test_model, test_moe).
+(test_hf, test_model, test_moe) and the attention tests.
 
 A bound is relative to the largest magnitude in the reference, max |got - want| <= rel *
 max |want|: logits are ~0.5 in one test and ~3 in another, gradients smaller still, so one
@@ -26,7 +26,7 @@ def max_rel_diff(got, want) -> float:
     Returns:
       The largest absolute difference over the largest reference magnitude.
     """
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    got, want = np.asarray(got).astype(np.float64), np.asarray(want).astype(np.float64)
     diff, scale = np.abs(got - want).max(initial=0.0), np.abs(want).max(initial=0.0)
     if scale == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
@@ -45,7 +45,7 @@ def assert_close(got, want, rel: float, what: str):
       rel: bound relative to max |want|; 0 demands equality.
       what: names the comparison in messages.
     """
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    got, want = np.asarray(got).astype(np.float64), np.asarray(want).astype(np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     assert np.isfinite(got).all(), f"{what}: non-finite values in the result"
     assert np.isfinite(want).all(), f"{what}: non-finite values in the reference"

@@ -17,7 +17,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import pytest
-from attention_testing import assert_close, random_inputs, rtol
+from attention_testing import random_inputs, rtol
+from numerics_testing import assert_close
 
 from pallas_kernels import (
     attention,

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_testing import assert_close, random_inputs, rtol
+from attention_testing import random_inputs, rtol
+from numerics_testing import assert_close
 
 from pallas_kernels import attention, attention_reference, default_interpret, flash
 from pallas_kernels.flash_common import BlockSizes, kv_block_bounds, num_kv_steps, q_block_bounds

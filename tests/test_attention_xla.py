@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_testing import assert_close, random_inputs, rtol
+from attention_testing import random_inputs, rtol
+from numerics_testing import assert_close
 
 from pallas_kernels import attention, xla
 from pallas_kernels.reference import attention_reference
