@@ -1,6 +1,6 @@
 """Attention for MiMo-V2-Flash: global or sliding-window, sink logits, value scale, GQA.
 
-Per layer type (reference section 2.4):
+Per layer type (the MiMo-V2-Flash technical report, section 2.2; docs/model.md):
   * global ("full_attention"): ``num_kv_heads`` kv heads, RoPE base ``rope_theta``, no sink.
   * sliding window: ``swa_num_kv_heads`` kv heads, RoPE base ``swa_rope_theta``, window of
     ``sliding_window`` keys (the query plus the previous ``sliding_window - 1`` tokens), and a

@@ -1,4 +1,4 @@
-"""Multi-token prediction block (reference section 3.1).
+"""Multi-token prediction block (the MiMo-V2-Flash technical report, section 2.3; docs/model.md).
 
 MTP layer k at position i combines the embedding of token i+k+1 with the previous hidden state
 (the main model's post-norm output for k = 0, the previous MTP layer's output otherwise):
