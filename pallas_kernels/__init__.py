@@ -141,6 +141,10 @@ def attention(
     _check_inputs(q, k, v, sinks, sliding_window, q_positions, kv_positions)
     rule = dict(sinks=sinks, sliding_window=sliding_window, causal=causal, scale=scale)
     if implementation == "xla":
+        pallas_only = dict(kernel=kernel, interpret=interpret, block_sizes=block_sizes)
+        given = [name for name, value in pallas_only.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to implementation='pallas'")
         return xla.attention_xla(
             q, k, v, **rule, q_positions=q_positions, kv_positions=kv_positions
         )

@@ -291,6 +291,9 @@ def test_kernel_and_interpret_selection(monkeypatch):
     kv = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="kernel must be one of"):
         attention(q, kv, kv, implementation="pallas", kernel="triton")
+    # Kernel arguments given to the XLA path are refused, not silently ignored.
+    with pytest.raises(ValueError, match="kernel, interpret only apply to implementation='pallas'"):
+        attention(q, kv, kv, implementation="xla", kernel="mgpu", interpret=True)
 
 
 def _model_shapes(t, dtype, sinks):
