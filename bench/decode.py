@@ -1,20 +1,26 @@
-"""Decoding throughput: plain vs MTP speculative greedy decoding, and ours vs transformers.
+"""Decoding throughput: plain vs MTP speculative greedy decoding, where a step's time goes, and
+ours vs transformers.
 
 Loads the model trained by the tiny default run (``python main.py --config=configs/tiny.py
 --workdir=runs/tiny``), takes prompts from held-out stdlib code (the first validation windows
 of the default byte-level stdlib data), and decodes them greedily:
 
 * plain (``num_draft_tokens=0``) and speculative with 1, 2 and 3 MTP drafts, side by side:
-  tokens/s (each configuration warmed up once, so compilation is excluded; median of several
-  runs), mean accepted length (tokens committed per verify step) and per-depth acceptance
-  (share of verify steps in which draft k was accepted). Speculative greedy must reproduce the
-  plain tokens exactly, which the script checks;
+  tokens/s of whole ``generate`` calls (each configuration warmed up once, so compilation is
+  excluded; the configurations' runs interleaved, so a busy machine slows them alike; medians),
+  mean accepted length (tokens committed per verify step) and per-depth acceptance (share of
+  verify steps in which draft k was accepted). Speculative greedy must reproduce the plain tokens
+  exactly, which the script checks;
+* where the time goes, per configuration: the prefill and the host's share of a call, and one
+  loop step split into draft, verify and the rest (accept and loop bookkeeping), in units of a
+  plain step. The loop is timed from a prefilled state; draft and verify are each jitted alone
+  and repeated on one state (``mimo_jax.generate`` exposes the phases);
 * transformers' ``MiMoV2FlashForCausalLM.generate`` (greedy, eager attention, ``use_cache``) on
   the same weights, exported with ``mimo_jax.hf.save_hf`` (transformers has no MTP, so it is
   compared with our plain decoding at the same batch, prompts and new tokens), and whether its
   greedy tokens agree with ours.
 
-    python bench/decode.py --workdir=runs/tiny [--batch 4 --prompt-len 128 --new 64]
+    python bench/decode.py --workdir=runs/tiny [--batch 1 --prompt-len 128 --new 64]
     python bench/decode.py --random      # random tiny model: a smoke test, acceptance ~0
 
 Writes bench/results/decode.json.
@@ -28,24 +34,26 @@ import time
 
 import common
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 
 import mimo_jax
 from mimo_jax import checkpoint, data, train
-from mimo_jax.generate import generate
+from mimo_jax.generate import Sampling, decode_loop, draft, generate, prefill, verify
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workdir", default="runs/tiny", help="a trained mimo-jax workdir")
     p.add_argument("--random", action="store_true", help="random tiny model (no workdir needed)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--drafts", default="1,2,3", help="speculative draft counts to run")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per configuration (median)")
+    p.add_argument("--runs", type=int, default=9, help="timed runs per configuration (median)")
+    p.add_argument("--reps", type=int, default=32, help="repetitions of a phase per timed run")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--out", default=os.path.join(common.RESULTS, "decode.json"))
@@ -83,31 +91,114 @@ def prompts(a: argparse.Namespace, vocab: int) -> np.ndarray:
     return ids
 
 
-def time_ours(model, ids, a, d) -> dict:
-    """Warm-up (compile) once, then the median of ``a.runs`` timed ``generate`` calls."""
-    kw = dict(max_new_tokens=a.new, num_draft_tokens=d)
-    t0 = time.perf_counter()
-    res = generate(model, ids, **kw)
-    res.tokens.block_until_ready()
-    compile_s = time.perf_counter() - t0
+def interleaved_medians(fns: dict, runs: int) -> dict:
+    """Median seconds of each ``fns[name]()`` over ``runs`` rounds that call every fn once.
 
-    def run():
-        r = generate(model, ids, **kw)
-        r.tokens.block_until_ready()
-        return r
+    Each fn runs once untimed first (compilation). Interleaving puts the configurations under the
+    same machine load, which on a shared machine moves more than any difference measured here.
+    """
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
-    sec, all_s = common.median_seconds(run, 0, a.runs)
+
+def phase_fns(model, ids, a, d) -> tuple[dict, int]:
+    """Callables timing the phases of ``generate`` with d drafts, and the loop's step count.
+
+    ``prefill`` and ``loop`` are what one call runs (the loop from the prefilled state);
+    ``draft`` and ``verify`` repeat one phase ``a.reps`` times on one state inside one jit.
+    """
+    greedy = Sampling()
+    lengths = jnp.full((ids.shape[0],), ids.shape[1], jnp.int32)
+    ids = jnp.asarray(ids, jnp.int32)
+
+    @jax.jit
+    def pre(model):
+        return prefill(model, ids, lengths, jax.random.key(0), d=d, max_new=a.new,
+                       sampling=greedy, pad=0)  # fmt: skip
+
+    @jax.jit
+    def loop(model, s):
+        return decode_loop(model, s, d=d, sampling=greedy, max_new=a.new, eos=None)
+
+    @jax.jit
+    def drafts(model, s):
+        return draft(model, s, d, greedy)
+
+    # Each repetition's inputs depend on the previous one's outputs (an offset that is always 0,
+    # which the compiler cannot know), so nothing is hoisted out of the loop or left dead.
+    @jax.jit
+    def repeat_draft(model, s):
+        def body(_, c):
+            s, acc = c
+            s, dr = draft(model, s.replace(base=s.base + (acc < 0)), d, greedy)
+            return s, acc + jnp.sum(dr.tokens)
+
+        return jax.lax.fori_loop(0, a.reps, body, (s, jnp.zeros((), jnp.int32)))
+
+    @jax.jit
+    def repeat_verify(model, s, dr):
+        def body(_, c):
+            s, acc = c
+            zero = jnp.isnan(acc).astype(jnp.int32)
+            s, logits, hidden = verify(
+                model, s.replace(base=s.base + zero), dr.replace(tokens=dr.tokens + zero)
+            )
+            return s, acc + jnp.sum(logits[..., 0]) + jnp.sum(hidden[..., 0])
+
+        return jax.lax.fori_loop(0, a.reps, body, (s, jnp.zeros((), jnp.float32)))
+
+    s0 = pre(model)
+    s1, dr = drafts(model, s0)
+    steps = int(loop(model, s0).steps)
+    ready = jax.block_until_ready
     return {
-        "num_draft_tokens": d,
-        "median_s": sec,
-        "runs_s": all_s,
-        "tokens_per_s": a.batch * a.new / sec,
-        "compile_plus_first_run_s": compile_s,
-        "mean_accepted_length": float(res.mean_accepted_length),
-        "acceptance_per_depth": np.asarray(res.acceptance_rate).tolist(),
-        "verify_steps": int(res.num_steps),
-        "tokens": np.asarray(res.tokens)[:, ids.shape[1] :],
-    }
+        "prefill": lambda: ready(pre(model)),
+        "loop": lambda: ready(loop(model, s0)),
+        "draft": lambda: ready(repeat_draft(model, s0)),
+        "verify": lambda: ready(repeat_verify(model, s1, dr)),
+    }, steps
+
+
+def time_ours(model, ids, a, drafts: list[int]) -> list[dict]:
+    """Whole ``generate`` calls and their phases for every draft count, timed interleaved."""
+    fns, out = {}, []
+    for d in drafts:
+        kw = dict(max_new_tokens=a.new, num_draft_tokens=d)
+        t0 = time.perf_counter()
+        res = generate(model, ids, **kw)
+        res.tokens.block_until_ready()
+        phases, steps = phase_fns(model, ids, a, d)
+        fns[d, "total"] = lambda kw=kw: generate(model, ids, **kw).tokens.block_until_ready()
+        fns.update({(d, name): f for name, f in phases.items()})
+        out.append({
+            "num_draft_tokens": d,
+            "compile_plus_first_run_s": time.perf_counter() - t0,
+            "mean_accepted_length": float(res.mean_accepted_length),
+            "acceptance_per_depth": np.asarray(res.acceptance_rate).tolist(),
+            "verify_steps": int(res.num_steps),
+            "loop_steps": steps,
+            "tokens": np.asarray(res.tokens)[:, ids.shape[1] :],
+        })  # fmt: skip
+    med = interleaved_medians(fns, a.runs)
+    for r in out:
+        d, steps = r["num_draft_tokens"], r["loop_steps"]
+        r["median_s"] = med[d, "total"]
+        r["tokens_per_s"] = a.batch * a.new / r["median_s"]
+        r["prefill_s"] = med[d, "prefill"]
+        r["loop_s"] = med[d, "loop"]
+        r["host_s"] = r["median_s"] - r["prefill_s"] - r["loop_s"]  # dispatch, copies, cropping
+        r["step_s"] = r["loop_s"] / max(steps, 1)
+        r["draft_s"] = med[d, "draft"] / a.reps if d else 0.0
+        r["verify_s"] = med[d, "verify"] / a.reps
+        r["rest_s"] = r["step_s"] - r["draft_s"] - r["verify_s"]
+    return out
 
 
 def time_transformers(model, ids, a) -> dict:
@@ -156,6 +247,28 @@ def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict:
     return {"rows_equal": sum(f is None for f in first), "first_difference": first}
 
 
+def print_phases(runs: list[dict]) -> None:
+    """Where a call's time goes: prefill, loop steps (split by phase, in plain steps), host."""
+    unit = runs[0]["step_s"]
+    print(
+        f"where the time goes (medians; one step in plain steps, 1.00 = {unit * 1e3:.3f} ms; "
+        "rest = accept + loop bookkeeping)"
+    )
+    print(
+        f"{'decoder':<34} {'prefill ms':>10} {'steps':>5} {'step':>5} {'draft':>6} "
+        f"{'verify':>6} {'rest':>5} {'loop ms':>8} {'host ms':>8}"
+    )
+    for r in runs:
+        d = r["num_draft_tokens"]
+        name = "ours, plain" if d == 0 else f"ours, {d} draft{'s' * (d > 1)}"
+        print(
+            f"{name:<34} {r['prefill_s'] * 1e3:>10.2f} {r['loop_steps']:>5} "
+            f"{r['step_s'] / unit:>5.2f} {r['draft_s'] / unit:>6.2f} "
+            f"{r['verify_s'] / unit:>6.2f} {r['rest_s'] / unit:>5.2f} "
+            f"{r['loop_s'] * 1e3:>8.2f} {r['host_s'] * 1e3:>8.2f}"
+        )
+
+
 def main():
     a = parse_args()
     model, source = load(a)
@@ -165,7 +278,7 @@ def main():
         sys.exit(f"--drafts {a.drafts}: the model has {cfg.num_mtp_layers} MTP layers")
     ids = prompts(a, cfg.vocab_size)
 
-    runs = [time_ours(model, ids, a, d) for d in [0, *drafts]]
+    runs = time_ours(model, ids, a, [0, *drafts])
     plain = runs[0]["tokens"]
     for r in runs:
         r["equals_plain"] = bool(np.array_equal(r.pop("tokens"), plain))
@@ -203,6 +316,7 @@ def main():
         if ag["rows_equal"] < a.batch:
             first = ag["first_difference"]
             print(f"  transformers vs ours: first differing new token per row {first}")
+    print_phases(runs)
     compile_s = [round(r["compile_plus_first_run_s"], 1) for r in runs]
     print(f"compile + first run, ours (s): {compile_s}")
 

@@ -19,13 +19,12 @@ step writes the same cache slots before any query reads them.
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from mimo_jax.model import MiMoV2Flash
 
@@ -135,7 +134,7 @@ def _probs(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def _pick(logits: jax.Array, key: jax.Array, sampling: Sampling):
+def _pick(logits: jax.Array, key: jax.Array | None, sampling: Sampling):
     """(token int32 [B], probabilities [B, V] or None for greedy) from logits [B, V]."""
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
@@ -162,9 +161,10 @@ def prefill(
     key: jax.Array,
     *,
     d: int,
-    max_len: int,
+    max_new: int,
     sampling: Sampling,
     pad: int,
+    eos: int | None = None,
 ) -> DecodeState:
     """Fills the caches from right-padded prompts and picks the first new token.
 
@@ -174,15 +174,19 @@ def prefill(
       lengths: int32 [B] prompt lengths.
       key: PRNG key.
       d: draft tokens per step.
-      max_len: positions the token buffer and the global layers' caches hold.
+      max_new: tokens to generate per row (sizes the token buffer and the global caches).
       sampling: how tokens are picked.
       pad: filler of the token buffer.
+      eos: the token that finishes a row, or None.
 
     Returns:
       The state before the first step: ``base = lengths``, the first new token committed there.
     """
     b, t = ids.shape
     rows = jnp.arange(b)
+    # The furthest position a step touches: verify writes up to base + d, accept base + d + 1,
+    # and base stays below t + max_new - 1 while a row generates.
+    max_len = t + max_new + d
     cache = model.init_cache(b, max_len, max_new_per_step(d))
     hidden, cache = model.prefill(ids, lengths, cache)  # [B, T, D]
     # MTP depth k's entry i sits at position i + k + 1 and needs token i + k + 1 < length; the
@@ -208,7 +212,7 @@ def prefill(
         base=lengths,
         hidden=hid.astype(hidden.dtype),  # [B, d + 1, D]
         n_new=jnp.ones((b,), jnp.int32),
-        done=jnp.zeros((b,), bool),
+        done=(first == eos) if eos is not None else jnp.zeros((b,), bool),
         key=key,
         steps=jnp.zeros((), jnp.int32),
         committed=jnp.zeros((), jnp.int32),
@@ -245,7 +249,9 @@ def draft(
         # Indices before the sequence start (short prompts) neither write nor see keys.
         pos_k = jnp.where(idx >= 0, idx + k + 1, -1)  # [B, d + 1]
         h, mtp[k] = model.mtp_extend(k, ids_k, h, pos_k, mtp[k])  # [B, d + 1, D]
-        key, sub = jax.random.split(key)
+        sub = None
+        if not sampling.greedy:  # greedy needs no randomness: no key splits in its loop
+            key, sub = jax.random.split(key)
         y, q = _pick(model.logits(h[:, -1]), sub, sampling)  # index base - 1: token base + k + 1
         drafts.append(y[:, None])
         probs.append(q)
@@ -308,13 +314,14 @@ def accept(
     d = width - 1
     j = jnp.arange(width)[None]  # [1, d + 1]
     y = drafts.tokens[:, 1:]  # [B, d]
-    key, sub = jax.random.split(s.key)
+    key = s.key
     if sampling.greedy:
         z = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, d + 1]
         n_acc = jnp.sum(jnp.cumprod(y == z[:, :d], axis=-1), axis=-1).astype(jnp.int32)  # [B]
         new = z  # the accepted drafts equal z, so z[:, :n_acc + 1] are the committed tokens
     else:
         p = _probs(logits, sampling)  # [B, d + 1, V]
+        key, sub = jax.random.split(key)
         keys = jax.random.split(sub, 2)
         if d:
             q = drafts.probs  # [B, d, V]
@@ -365,35 +372,56 @@ def accept(
     )
 
 
-def _running(s: DecodeState, max_new: int) -> jax.Array:
-    """[] whether any row still generates."""
-    return jnp.any(~s.done & (s.n_new < max_new))
-
-
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new", "d", "sampling", "eos", "pad", "stream")
-)
+# The model goes in as a pytree (an NNX module is one): flattening it costs a fraction of what
+# ``nnx.split`` does, which matters next to a decoding step of a small model.
+@functools.partial(jax.jit, static_argnames=("max_new", "d", "sampling", "eos", "pad", "stream"))
 def _generate(
-    state, graphdef, ids, lengths, key, *, max_new, d, sampling, eos, pad, stream
+    model: MiMoV2Flash, ids, lengths, key, *, max_new, d, sampling, eos, pad, stream
 ) -> DecodeState:
-    model: MiMoV2Flash = nnx.merge(graphdef, state)
-    # The furthest position a step touches: verify writes up to base + d, accept base + d + 1.
-    max_len = ids.shape[1] + max_new + d
-    s = prefill(model, ids, lengths, key, d=d, max_len=max_len, sampling=sampling, pad=pad)
-    if eos is not None:
-        s = s.replace(done=s.tokens[jnp.arange(ids.shape[0]), lengths] == eos)
+    s = prefill(model, ids, lengths, key, d=d, max_new=max_new, sampling=sampling, pad=pad, eos=eos)
     if stream is not None:  # row 0's tokens go to the host as soon as they are committed
         first = s.tokens[:1, lengths[0]]  # [1]
         jax.debug.callback(stream, first, jnp.ones((), jnp.int32), ordered=True)
+    return decode_loop(model, s, d=d, sampling=sampling, max_new=max_new, eos=eos, stream=stream)
 
-    def step(s: DecodeState) -> DecodeState:
+
+def step(
+    model: MiMoV2Flash,
+    s: DecodeState,
+    *,
+    d: int,
+    sampling: Sampling,
+    max_new: int,
+    eos: int | None,
+    stream: Callable | None = None,
+) -> DecodeState:
+    """One loop step: ``draft``, ``verify``, ``accept`` (arguments as there)."""
+    # Named scopes label each phase's ops in profiles and compiled HLO.
+    with jax.named_scope("draft"):
         s, drafts = draft(model, s, d, sampling)
+    with jax.named_scope("verify"):
         s, logits, hidden = verify(model, s, drafts)
+    with jax.named_scope("accept"):
         return accept(
             s, drafts, logits, hidden, sampling=sampling, max_new=max_new, eos=eos, stream=stream
         )
 
-    return jax.lax.while_loop(lambda s: _running(s, max_new), step, s)
+
+def decode_loop(
+    model: MiMoV2Flash,
+    s: DecodeState,
+    *,
+    d: int,
+    sampling: Sampling,
+    max_new: int,
+    eos: int | None,
+    stream: Callable | None = None,
+) -> DecodeState:
+    """Runs ``step`` on device until every row has ``max_new`` tokens or its EOS."""
+    kw = dict(d=d, sampling=sampling, max_new=max_new, eos=eos, stream=stream)
+    return jax.lax.while_loop(
+        lambda s: jnp.any(~s.done & (s.n_new < max_new)), lambda s: step(model, s, **kw), s
+    )
 
 
 class _Stream:
@@ -489,10 +517,8 @@ def generate(
         raise ValueError(
             f"bad sampling args: temperature={temperature}, top_k={top_k}, top_p={top_p}"
         )
-    graphdef, state = nnx.split(model)
     s = _generate(
-        state,
-        graphdef,
+        model,
         jnp.asarray(ids, jnp.int32),
         jnp.asarray(lengths, jnp.int32),
         jax.random.key(seed),
@@ -528,62 +554,3 @@ def _finish(s: DecodeState, ids, lengths, max_new, d, eos, pad) -> GenerateResul
         acceptance_rate=jnp.asarray(np.asarray(s.accepted)[:d] / active),
         num_steps=s.steps,
     )
-
-
-def cache_bytes(cfg, *, batch: int, max_length: int, max_new_per_step: int) -> dict:
-    """Bytes of the decoding cache of ``cfg`` versus caching every layer globally.
-
-    Shapes come from ``jax.eval_shape`` over an abstract model's ``init_cache``, so nothing is
-    allocated even for the full-size config.
-
-    Args:
-      cfg: a ``ModelConfig``.
-      batch: sequences.
-      max_length: slots of the global layers' linear caches (prompt + generated tokens).
-      max_new_per_step: most tokens one step writes (ring slack, see ``max_new_per_step``).
-
-    Returns:
-      Bytes *per sequence*: ``global``, ``swa``, ``mtp`` (k + v + slot positions of each kind of
-      cache, summed over its layers), ``total`` (their sum), ``all_global`` (the same layers and
-      kv heads, every one of them a linear cache over ``max_length``), ``kv_only`` and
-      ``all_global_kv_only`` (the same two without the int32 slot positions), and ``ratio``
-      (``all_global / total``).
-    """
-    model = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
-    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_length, max_new_per_step))
-    sliding = [m.self_attn.is_sliding for m in model.layers]
-    slot_sliding = [m.self_attn.is_sliding for m in model.scanned]
-    groups = {"global": [], "swa": [], "mtp": list(shapes["mtp"])}
-    for c, is_swa in zip(shapes["layers"], sliding, strict=True):
-        groups["swa" if is_swa else "global"].append(c)
-    for c, is_swa in zip(shapes["scanned"], slot_sliding, strict=True):
-        groups["swa" if is_swa else "global"].append(c)  # stacked: leading repeats axis
-
-    def nbytes(x, slot_axis: int, slots: int | None = None) -> int:
-        """Bytes of x, or of x with ``slots`` entries along its slot axis."""
-        shape = list(x.shape)
-        if slots is not None:
-            shape[slot_axis] = slots
-        return math.prod(shape) * jnp.dtype(x.dtype).itemsize
-
-    out = {}
-    total = kv = full = full_kv = 0
-    for name, caches in groups.items():
-        out[name] = 0
-        for c in caches:  # k, v: [..., B, S, K, H]; pos: [..., B, S]
-            b_kv = nbytes(c.k, -3) + nbytes(c.v, -3)
-            f_kv = nbytes(c.k, -3, max_length) + nbytes(c.v, -3, max_length)
-            out[name] += b_kv + nbytes(c.pos, -1)
-            kv += b_kv
-            full_kv += f_kv
-            full += f_kv + nbytes(c.pos, -1, max_length)
-        out[name] //= batch
-        total += out[name]
-    out.update(
-        total=total,
-        all_global=full // batch,
-        kv_only=kv // batch,
-        all_global_kv_only=full_kv // batch,
-    )
-    out["ratio"] = out["all_global"] / out["total"]
-    return out

@@ -10,6 +10,7 @@ layers before and after the repeated run are unrolled. ``layer_plan`` finds the 
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import flax
@@ -424,3 +425,63 @@ def _stacked_layer(
         return DecoderLayer(cfg, layer_type, mlp_type, rngs=rngs)
 
     return make(rngs)
+
+
+def cache_bytes(cfg, *, batch: int, max_length: int, max_new_per_step: int) -> dict:
+    """Bytes of the decoding cache of ``cfg`` versus caching every layer globally.
+
+    Shapes come from ``jax.eval_shape`` over an abstract model's ``init_cache``, so nothing is
+    allocated even for the full-size config.
+
+    Args:
+      cfg: a ``ModelConfig``.
+      batch: sequences.
+      max_length: slots of the global layers' linear caches (prompt + generated tokens).
+      max_new_per_step: most tokens one step writes (the ring slack,
+        ``mimo_jax.generate.max_new_per_step``).
+
+    Returns:
+      Bytes *per sequence*: ``global``, ``swa``, ``mtp`` (k + v + slot positions of each kind of
+      cache, summed over its layers), ``total`` (their sum), ``all_global`` (the same layers and
+      kv heads, every one of them a linear cache over ``max_length``), ``kv_only`` and
+      ``all_global_kv_only`` (the same two without the int32 slot positions), and ``ratio``
+      (``all_global / total``).
+    """
+    model = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_length, max_new_per_step))
+    sliding = [m.self_attn.is_sliding for m in model.layers]
+    slot_sliding = [m.self_attn.is_sliding for m in model.scanned]
+    groups = {"global": [], "swa": [], "mtp": list(shapes["mtp"])}
+    for c, is_swa in zip(shapes["layers"], sliding, strict=True):
+        groups["swa" if is_swa else "global"].append(c)
+    for c, is_swa in zip(shapes["scanned"], slot_sliding, strict=True):
+        groups["swa" if is_swa else "global"].append(c)  # stacked: leading repeats axis
+
+    def nbytes(x, slot_axis: int, slots: int | None = None) -> int:
+        """Bytes of x, or of x with ``slots`` entries along its slot axis."""
+        shape = list(x.shape)
+        if slots is not None:
+            shape[slot_axis] = slots
+        return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+
+    out = {}
+    total = kv = full = full_kv = 0
+    for name, caches in groups.items():
+        out[name] = 0
+        for c in caches:  # k, v: [..., B, S, K, H]; pos: [..., B, S]
+            b_kv = nbytes(c.k, -3) + nbytes(c.v, -3)
+            f_kv = nbytes(c.k, -3, max_length) + nbytes(c.v, -3, max_length)
+            out[name] += b_kv + nbytes(c.pos, -1)
+            kv += b_kv
+            full_kv += f_kv
+            full += f_kv + nbytes(c.pos, -1, max_length)
+        out[name] //= batch
+        total += out[name]
+    out.update(
+        total=total,
+        all_global=full // batch,
+        kv_only=kv // batch,
+        all_global_kv_only=full_kv // batch,
+    )
+    out["ratio"] = out["all_global"] / out["total"]
+    return out

@@ -26,7 +26,8 @@ import pytest
 from flax import nnx
 
 import mimo_jax
-from mimo_jax.generate import cache_bytes, generate, max_new_per_step
+from mimo_jax.generate import generate, max_new_per_step
+from mimo_jax.model import cache_bytes
 
 WINDOW = 5
 MAX_NEW = 32
