@@ -25,6 +25,7 @@ from mimo_jax import axes as ax
 from mimo_jax import checkpoint, data
 from mimo_jax import sharding as sh
 from mimo_jax.config import SPARSE, ModelConfig, from_config_dict
+from mimo_jax.generate import generate
 from mimo_jax.loss import model_loss
 from mimo_jax.model import MiMoV2Flash
 from mimo_jax.progress import Progress, format_seconds
@@ -457,7 +458,7 @@ def _progress_fields(m: dict[str, float]) -> str:
 
 
 def sample(model: MiMoV2Flash, prompt: np.ndarray, n: int, *, temperature: float, seed: int):
-    """Samples ``n`` tokens after ``prompt`` without a KV cache (full forward per token).
+    """Samples ``n`` tokens after ``prompt`` with ``mimo_jax.generate`` (plain decoding).
 
     Args:
       model: the model.
@@ -469,22 +470,9 @@ def sample(model: MiMoV2Flash, prompt: np.ndarray, n: int, *, temperature: float
     Returns:
       int32 [n] new tokens.
     """
-    length = len(prompt) + n
-    buf = jnp.zeros((1, length), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, buf, pos, key):
-        logits = nnx.merge(graphdef, state)(buf, mtp=False).logits[0, pos - 1]  # [V]
-        if temperature == 0:
-            return jnp.argmax(logits).astype(jnp.int32)
-        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
-
-    key = jax.random.key(seed)
-    for pos in range(len(prompt), length):
-        key, sub = jax.random.split(key)
-        buf = buf.at[0, pos].set(step(state, buf, pos, sub))
-    return np.asarray(buf[0, len(prompt) :])
+    ids = np.asarray(prompt, np.int32)[None]  # [1, T0]
+    res = generate(model, ids, max_new_tokens=n, temperature=temperature, seed=seed)
+    return np.asarray(res.tokens[0, ids.shape[1] :], np.int32)
 
 
 def eval_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
