@@ -26,6 +26,8 @@ import pytest
 from flax import nnx
 
 import mimo_jax
+from mimo_jax import train
+from mimo_jax.cache import KVCache
 from mimo_jax.generate import generate, max_new_per_step
 from mimo_jax.model import cache_bytes
 
@@ -191,6 +193,23 @@ def test_ring_buffers_wrap(model):
     assert ring == cache["layers"][2].size == WINDOW + max_new_per_step(3)
     assert 3 * ring < T + MAX_NEW  # positions wrap around the rings more than 3 times
     assert cache["layers"][0].size == T + MAX_NEW  # layer 0 is global: linear cache
+
+
+def test_truncate_serves_stacked_caches():
+    """A stacked cache (pos [R, B, S], one per scanned repeat) is cut in every repeat."""
+    one = KVCache.empty(2, 6, 1, 4, 4, jnp.float32)
+    one = one.replace(pos=jnp.array([[0, 1, 2, 3, 4, 5], [6, 1, 2, 3, 4, 5]], jnp.int32))
+    keep = jnp.array([3, 5])
+    want = [[0, 1, 2, -1, -1, -1], [-1, 1, 2, 3, 4, -1]]
+    np.testing.assert_array_equal(one.truncate(keep).pos, want)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), one)  # [R=2, B, S, ...]
+    np.testing.assert_array_equal(stacked.truncate(keep).pos, [want, want])
+
+
+def test_train_sample_is_generate(model, prompts, greedy_ref):
+    """train.sample (the training run's sample) decodes with generate: greedy = the forward's."""
+    got = train.sample(model, np.asarray(prompts[0]), MAX_NEW, temperature=0.0, seed=0)
+    assert got.dtype == np.int32 and got.tolist() == greedy_ref[0]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
