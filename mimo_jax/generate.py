@@ -184,8 +184,8 @@ def prefill(
     """
     b, t = ids.shape
     rows = jnp.arange(b)
-    # The furthest position a step touches: verify writes up to base + d, accept base + d + 1,
-    # and base stays below t + max_new - 1 while a row generates.
+    # The furthest position a generating row's step touches: verify writes up to base + d,
+    # accept base + d + 1, and base < t + max_new - 1 while the row generates.
     max_len = t + max_new + d
     cache = model.init_cache(b, max_len, max_new_per_step(d))
     hidden, cache = model.prefill(ids, lengths, cache)  # [B, T, D]
@@ -295,7 +295,8 @@ def accept(
     Greedy: draft j is accepted while it equals the main model's argmax. Sampling: draft y is
     accepted with probability min(1, p(y) / q(y)); at the first rejection the token is drawn from
     max(p - q, 0) renormalised, after d acceptances from p: the committed tokens are distributed
-    exactly as the main model's own samples. Rows already finished keep their state.
+    exactly as the main model's own samples. Finished rows keep their tokens and counters;
+    what their caches then receive is never read into their output.
 
     Args:
       s: the state after ``verify``.
