@@ -65,10 +65,6 @@ COVERAGE = {
         "test_cli.py::test_shipped_configs_build",
         "test_train.py::test_debug_run_learns_and_resumes_exactly",
     ),
-    (
-        "python main.py --config=configs/tiny.py --workdir=runs/tiny --config.train.steps=100 "
-        "--config.model.num_layers=4"
-    ): ByTests(_CLI, "test_cli.py::test_config_dict_errors"),
     "python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny": ByTests(_CLI),
     (
         "python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny "
