@@ -13,7 +13,9 @@ Expert computation has interchangeable implementations over the same parameters:
     the work), it is blocked instead (the MegaBlocks layout, Gale et al. 2022): each expert's
     assignments are padded to a multiple of b rows, so every block of b rows belongs to one
     expert, and one batched matmul multiplies each block by its expert's gathered weights; at
-    most T * k + E * b rows for any routing. ``grouped_matmul`` exposes both.
+    most T * k + E * b rows for any routing. ``grouped_matmul`` exposes both. With few
+    assignments (T * k <= min(E, ``SLICED_MAX_ROWS``): decoding and verify steps) the CPU path
+    slices each assignment's expert weights instead (``_sliced_experts``): no sort, no padding.
   * ``expert_parallel``: experts sharded over the mesh, tokens exchanged with all-to-all
     (``expert_parallel.py``); dropless unless ``moe_capacity_factor`` > 0.
 """
@@ -196,6 +198,8 @@ class MoE(nnx.Module):
         """
         wg, wu, wo = self._weights(x.dtype)
         t, k = idx.shape
+        if grouped_matmul_impl() == "blocked" and t * k <= min(wg.shape[0], SLICED_MAX_ROWS):
+            return _sliced_experts(x, weights, idx, wg, wu, wo)
         flat_idx = idx.reshape(-1)  # [T*k]
         order = jnp.argsort(flat_idx, stable=True)  # [T*k] assignments sorted by expert
         group_sizes = jnp.bincount(flat_idx, length=self.cfg.num_experts).astype(jnp.int32)  # [E]
@@ -358,6 +362,54 @@ def grouped_matmul(
     xb = jnp.take(x, slot_row, axis=0, mode="fill", fill_value=0).reshape(nb, b, d)  # [nb, b, D]
     yb = _block_matmul(xb, w, block_expert).reshape(nb * b, -1)  # [nb * b, M]
     return jnp.take(yb, row_slot, axis=0, mode="fill", fill_value=0)  # [R, M]
+
+
+# Most (token, expert) assignments ``_sliced_experts`` takes: it unrolls one weight slice per
+# assignment, so this bounds the program it adds (a decoding step of a few rows needs a few).
+SLICED_MAX_ROWS = 32
+
+
+def _sliced_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    idx: jax.Array,
+    wg: jax.Array,
+    wu: jax.Array,
+    wo: jax.Array,
+) -> jax.Array:
+    """The SwiGLU expert FFN for a few assignments: each one's expert weights sliced out.
+
+    The CPU path of ``MoE._ragged`` while T * k <= E. Each assignment copies its expert's
+    [D, M] slices with ``dynamic_slice`` (a contiguous copy, unlike a general gather) and the
+    matmuls batch over assignments, one row each. That copies at most E weight sets, which the
+    blocked layout always gathers (it has at least E blocks), and skips its sort, block layout
+    and padding rows, which at a few rows cost more than the matmuls. Exact up to the order
+    of fp32 additions; differentiable (each slice's gradient adds into its expert).
+
+    Args:
+      x: [T, D] tokens.
+      weights: [T, k] gate weights.
+      idx: int [T, k] expert ids.
+      wg, wu: [E, D, M] gate / up weights; wo: [E, M, D].
+
+    Returns:
+      [T, D] fp32.
+    """
+    (t, d), k = x.shape, idx.shape[1]
+    flat = idx.reshape(-1)  # [T*k] assignment a = token a // k
+
+    def slices(w):  # [T*k, D, M] (or [T*k, M, D]): assignment a's expert's weights
+        return jnp.stack(
+            [jax.lax.dynamic_index_in_dim(w, flat[a], keepdims=False) for a in range(t * k)]
+        )
+
+    dims = (((2,), (1,)), ((0,), (0,)))  # batch over assignments, contract D (then M)
+    xs = jnp.repeat(x, k, axis=0)[:, None]  # [T*k, 1, D]
+    gate = jax.lax.dot_general(xs, slices(wg), dims)  # [T*k, 1, M]
+    up = jax.lax.dot_general(xs, slices(wu), dims)
+    out = jax.lax.dot_general(jax.nn.silu(gate) * up, slices(wo), dims)[:, 0]  # [T*k, D]
+    w = weights.reshape(-1, 1).astype(jnp.float32)  # [T*k, 1]
+    return jnp.sum((out.astype(jnp.float32) * w).reshape(t, k, d), axis=1)  # [T, D]
 
 
 def _blocked_experts(

@@ -121,6 +121,26 @@ def test_ragged_equals_dense_forward_and_grad(skew, impl, monkeypatch):
     assert float(aux["expert_load"].sum()) == 3 * 17 * cfg.num_experts_per_tok
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1)])
+def test_sliced_experts_equal_dense_forward_and_grad(shape, monkeypatch):
+    """Decoding shapes (T * k <= E) take the sliced path on CPU; it equals the dense MoE."""
+
+    def no_blocked(*args):
+        raise AssertionError("a decoding shape took the blocked path")
+
+    monkeypatch.setattr(moe_lib, "grouped_matmul_impl", lambda implementation="auto": "blocked")
+    monkeypatch.setattr(moe_lib, "_blocked_experts", no_blocked)
+    cfg = _cfg(num_expert_groups=2, topk_groups=2)  # k = 3, E = 8: T <= 2 tokens
+    dense = MoE(cfg.replace(moe_impl="dense"), rngs=nnx.Rngs(4))
+    sliced = MoE(cfg.replace(moe_impl="ragged"), rngs=nnx.Rngs(0))
+    nnx.update(sliced, nnx.state(dense))
+    x = jax.random.normal(jax.random.key(5), (*shape, 24))
+    (ld, gd), (ls, gs) = (nnx.value_and_grad(_loss, argnums=(0, 1))(m, x) for m in (dense, sliced))
+    assert_close(ls, ld, FP32_REL, "sliced vs dense loss")
+    for (path, a), b in zip(jax.tree.leaves_with_path(gd), jax.tree.leaves(gs), strict=True):
+        assert_close(b, a, FP32_REL, f"sliced vs dense grad {jax.tree_util.keystr(path)}")
+
+
 def test_routing_replay():
     cfg = _cfg()
     moe = MoE(cfg, rngs=nnx.Rngs(4))
