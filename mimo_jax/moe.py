@@ -13,9 +13,10 @@ Expert computation has interchangeable implementations over the same parameters:
     the work), it is blocked instead (the MegaBlocks layout, Gale et al. 2022): each expert's
     assignments are padded to a multiple of b rows, so every block of b rows belongs to one
     expert, and one batched matmul multiplies each block by its expert's gathered weights; at
-    most T * k + E * b rows for any routing. ``grouped_matmul`` exposes both. With few
-    assignments (T * k <= min(E, ``SLICED_MAX_ROWS``): decoding and verify steps) the CPU path
-    slices each assignment's expert weights instead (``_sliced_experts``): no sort, no padding.
+    most T * k + E * b rows for any routing. ``grouped_matmul`` exposes both. For the few
+    tokens of a decoding or verify step the CPU path skips the sort and the blocks
+    (``cpu_expert_path``): it slices each assignment's expert weights, or runs every expert on
+    the tokens with the weights read in place.
   * ``expert_parallel``: experts sharded over the mesh, tokens exchanged with all-to-all
     (``expert_parallel.py``); dropless unless ``moe_capacity_factor`` > 0.
 """
@@ -198,8 +199,12 @@ class MoE(nnx.Module):
         """
         wg, wu, wo = self._weights(x.dtype)
         t, k = idx.shape
-        if grouped_matmul_impl() == "blocked" and t * k <= min(wg.shape[0], SLICED_MAX_ROWS):
-            return _sliced_experts(x, weights, idx, wg, wu, wo)
+        if grouped_matmul_impl() == "blocked":
+            path = cpu_expert_path(t, k, self.cfg.num_experts)
+            if path == "sliced":
+                return _sliced_experts(x, weights, idx, wg, wu, wo)
+            if path == "dense":
+                return _dense_experts(x, weights, idx, wg, wu, wo)
         flat_idx = idx.reshape(-1)  # [T*k]
         order = jnp.argsort(flat_idx, stable=True)  # [T*k] assignments sorted by expert
         group_sizes = jnp.bincount(flat_idx, length=self.cfg.num_experts).astype(jnp.int32)  # [E]
@@ -367,6 +372,65 @@ def grouped_matmul(
 # Most (token, expert) assignments ``_sliced_experts`` takes: it unrolls one weight slice per
 # assignment, so this bounds the program it adds (a decoding step of a few rows needs a few).
 SLICED_MAX_ROWS = 32
+# The blocked layout's smallest block (``default_block_size``): it runs at least E blocks of this
+# many rows, so every expert on up to this many tokens computes no more rows than it does.
+_MIN_BLOCK = 8
+
+
+def cpu_expert_path(tokens: int, k: int, num_experts: int) -> str:
+    """Which expert computation the CPU ``ragged`` MoE runs for ``tokens`` tokens (static).
+
+    * ``"sliced"`` while 2 * T * k <= E (and T * k <= ``SLICED_MAX_ROWS``): one weight slice per
+      assignment, copying at most half of the experts' weights (``_sliced_experts``);
+    * ``"dense"`` while T <= 8: every expert on every token with the weights read in place and a
+      one-hot combine (``_dense_experts``), no more rows than the blocked layout's E blocks of
+      at least 8 rows and no weight copies;
+    * ``"blocked"`` otherwise (prefill, training): the blocked grouped matmul.
+
+    Args:
+      tokens: T, tokens in the call (batch x sequence).
+      k: experts per token.
+      num_experts: E.
+
+    Returns:
+      "sliced", "dense" or "blocked".
+    """
+    if 2 * tokens * k <= num_experts and tokens * k <= SLICED_MAX_ROWS:
+        return "sliced"
+    return "dense" if tokens <= _MIN_BLOCK else "blocked"
+
+
+def _dense_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    idx: jax.Array,
+    wg: jax.Array,
+    wu: jax.Array,
+    wo: jax.Array,
+) -> jax.Array:
+    """Every expert on every token, batched over experts, combined with one-hot gate weights.
+
+    The math of ``MoE._dense``, laid out for a few tokens: the matmuls batch over the experts'
+    leading axis, so each reads its [D, M] weights where they lie. (``MoE._dense``'s
+    "td,edm->tem" makes XLA:CPU transpose every expert's weights first once T > 1.)
+
+    Args:
+      x: [T, D] tokens.
+      weights: [T, k] gate weights.
+      idx: int [T, k] expert ids.
+      wg, wu: [E, D, M] gate / up weights; wo: [E, M, D].
+
+    Returns:
+      [T, D] fp32.
+    """
+    e, (t, d) = wg.shape[0], x.shape
+    dims = (((2,), (1,)), ((0,), (0,)))  # batch over experts, contract D (then M)
+    xb = jnp.broadcast_to(x, (e, t, d))  # [E, T, D]
+    gate = jax.lax.dot_general(xb, wg, dims)  # [E, T, M]
+    up = jax.lax.dot_general(xb, wu, dims)
+    out = jax.lax.dot_general(jax.nn.silu(gate) * up, wo, dims)  # [E, T, D]
+    combine = jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32) * weights[..., None], axis=1)
+    return jnp.einsum("etd,te->td", out.astype(jnp.float32), combine)  # [T, D]
 
 
 def _sliced_experts(
@@ -379,11 +443,11 @@ def _sliced_experts(
 ) -> jax.Array:
     """The SwiGLU expert FFN for a few assignments: each one's expert weights sliced out.
 
-    The CPU path of ``MoE._ragged`` while T * k <= E. Each assignment copies its expert's
+    A CPU path of ``MoE._ragged`` (``cpu_expert_path``). Each assignment copies its expert's
     [D, M] slices with ``dynamic_slice`` (a contiguous copy, unlike a general gather) and the
-    matmuls batch over assignments, one row each. That copies at most E weight sets, which the
-    blocked layout always gathers (it has at least E blocks), and skips its sort, block layout
-    and padding rows, which at a few rows cost more than the matmuls. Exact up to the order
+    matmuls batch over assignments, one row each. That copies at most E / 2 weight sets (the
+    blocked layout gathers at least E) and skips the sort, block layout and padding rows, which
+    at a few rows cost more than the matmuls. Exact up to the order
     of fp32 additions; differentiable (each slice's gradient adds into its expert).
 
     Args:

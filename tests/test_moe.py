@@ -121,24 +121,27 @@ def test_ragged_equals_dense_forward_and_grad(skew, impl, monkeypatch):
     assert float(aux["expert_load"].sum()) == 3 * 17 * cfg.num_experts_per_tok
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1)])
-def test_sliced_experts_equal_dense_forward_and_grad(shape, monkeypatch):
-    """Decoding shapes (T * k <= E) take the sliced path on CPU; it equals the dense MoE."""
-
-    def no_blocked(*args):
-        raise AssertionError("a decoding shape took the blocked path")
-
+@pytest.mark.parametrize(
+    "shape, path", [((1, 1), "sliced"), ((1, 2), "dense"), ((2, 4), "dense"), ((1, 9), "blocked")]
+)
+def test_cpu_decoding_paths_equal_dense_forward_and_grad(shape, path, monkeypatch):
+    """Few tokens take the sliced or the in-place dense path on CPU; each equals the dense MoE."""
     monkeypatch.setattr(moe_lib, "grouped_matmul_impl", lambda implementation="auto": "blocked")
-    monkeypatch.setattr(moe_lib, "_blocked_experts", no_blocked)
-    cfg = _cfg(num_expert_groups=2, topk_groups=2)  # k = 3, E = 8: T <= 2 tokens
+    paths = {"sliced": "_sliced_experts", "dense": "_dense_experts", "blocked": "_blocked_experts"}
+    for other, fn in paths.items():
+        if other != path:
+            msg = f"{shape} took the {other} path, not {path}"
+            monkeypatch.setattr(moe_lib, fn, lambda *a, msg=msg: pytest.fail(msg))
+    cfg = _cfg(num_expert_groups=2, topk_groups=2)  # k = 3, E = 8
+    assert moe_lib.cpu_expert_path(shape[0] * shape[1], 3, 8) == path
     dense = MoE(cfg.replace(moe_impl="dense"), rngs=nnx.Rngs(4))
-    sliced = MoE(cfg.replace(moe_impl="ragged"), rngs=nnx.Rngs(0))
-    nnx.update(sliced, nnx.state(dense))
+    fast = MoE(cfg.replace(moe_impl="ragged"), rngs=nnx.Rngs(0))
+    nnx.update(fast, nnx.state(dense))
     x = jax.random.normal(jax.random.key(5), (*shape, 24))
-    (ld, gd), (ls, gs) = (nnx.value_and_grad(_loss, argnums=(0, 1))(m, x) for m in (dense, sliced))
-    assert_close(ls, ld, FP32_REL, "sliced vs dense loss")
-    for (path, a), b in zip(jax.tree.leaves_with_path(gd), jax.tree.leaves(gs), strict=True):
-        assert_close(b, a, FP32_REL, f"sliced vs dense grad {jax.tree_util.keystr(path)}")
+    (ld, gd), (lf, gf) = (nnx.value_and_grad(_loss, argnums=(0, 1))(m, x) for m in (dense, fast))
+    assert_close(lf, ld, FP32_REL, f"{path} vs dense loss")
+    for (p, a), b in zip(jax.tree.leaves_with_path(gd), jax.tree.leaves(gf), strict=True):
+        assert_close(b, a, FP32_REL, f"{path} vs dense grad {jax.tree_util.keystr(p)}")
 
 
 def test_routing_replay():
