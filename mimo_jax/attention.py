@@ -122,7 +122,7 @@ class Attention(nnx.Module):
         positions: jax.Array,
         cache: KVCache | None = None,
         lengths: jax.Array | None = None,
-        offset: int = 0,
+        offset: int | jax.Array = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Self-attention, with three uses of the cache.
 
@@ -137,7 +137,7 @@ class Attention(nnx.Module):
           positions: int [B, T] absolute positions (consecutive within a row).
           cache: this layer's KVCache.
           lengths: int [B] valid prompt tokens per row (prefill only).
-          offset: prefill only: position of entry 0 is ``offset`` (MTP depths).
+          offset: prefill only: position of entry 0 is ``offset`` (MTP depths), int or int [B].
 
         Returns:
           ([B, T, D], the updated cache or None).

@@ -71,20 +71,24 @@ class KVCache:
             pos=self.pos.at[b, slot].set(positions.astype(jnp.int32), mode="drop"),
         )
 
-    def fill(self, k: jax.Array, v: jax.Array, lengths: jax.Array, offset: int = 0) -> "KVCache":
+    def fill(
+        self, k: jax.Array, v: jax.Array, lengths: jax.Array, offset: int | jax.Array = 0
+    ) -> "KVCache":
         """Fills an empty cache from a right-padded prompt, keeping the last ``size`` entries.
 
         Args:
           k: [B, T, K, H] keys; entry i holds position i + offset.
           v: [B, T, K, P].
           lengths: int [B] valid entries per row (the rest is padding).
-          offset: position of entry 0 (MTP depth k's entries start at position k + 1).
+          offset: position of entry 0, int or int [B] per row (MTP depth k's entries start at
+            position k + 1, or later when the prefill runs it on the prompt's end only).
 
         Returns:
           The cache; slot s holds the latest valid position p with p mod size == s.
         """
         t = k.shape[1]
         s = jnp.arange(self.size)[None]  # [1, S]
+        offset = jnp.reshape(offset, (-1, 1))  # [B or 1, 1]
         last = lengths[:, None] - 1 + offset  # [B, 1] latest valid position
         p = last - jnp.mod(last - s, self.size)  # [B, S] latest position that maps to slot s
         idx = p - offset

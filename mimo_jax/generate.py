@@ -154,6 +154,32 @@ def _write(x: jax.Array, start: jax.Array, val: jax.Array) -> jax.Array:
     return x.at[jnp.arange(x.shape[0])[:, None], idx].set(val, mode="drop")
 
 
+def mtp_prefill_start(
+    lengths: jax.Array, t: int, k: int, d: int, window: int
+) -> tuple[int, jax.Array]:
+    """Where the prefill runs MTP depth k: n indices from ``start`` per row, ending at the prompt's.
+
+    The first step's depth-j queries (positions L - d + j .. L + j) see entries from index
+    L - d - W on (W = ``window``); an entry needs depth j - 1's output at its index exact, and
+    that output needs depth j - 1's keys W - 1 indices further back. So depth k needs indices
+    from L - d - W - (d - 1 - k) * (W - 1) on (or from 0): the MTP prefill costs O(d^2 W)
+    whatever the prompt's length, and its caches hold what a full prefill's would where any later
+    query reads (docs/decoding.md).
+
+    Args:
+      lengths: int [B] prompt lengths L.
+      t: T, the padded prompt length.
+      k: the depth.
+      d: draft tokens (MTP depths run).
+      window: the MTP layers' sliding window W.
+
+    Returns:
+      n (static, <= T) and start int32 [B] (>= 0, start + n <= T).
+    """
+    n = min(t, d + window + (d - 1 - k) * (window - 1))
+    return n, jnp.clip(lengths - n, 0, t - n).astype(jnp.int32)
+
+
 def prefill(
     model: MiMoV2Flash,
     ids: jax.Array,
@@ -190,15 +216,18 @@ def prefill(
     cache = model.init_cache(b, max_len, max_new_per_step(d))
     hidden, cache = model.prefill(ids, lengths, cache)  # [B, T, D]
     # MTP depth k's entry i sits at position i + k + 1 and needs token i + k + 1 < length; the
-    # first step writes the rest.
+    # first step writes the rest. Each depth runs only on the prompt's end (mtp_prefill_start).
     mtp = list(cache["mtp"][:d])
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h = hidden
+    h, prev = hidden, jnp.zeros_like(lengths)
     for k in range(d):
-        ids_k = jnp.roll(ids, -(k + 1), axis=1)  # [B, T] token i + k + 1 at index i
+        n, start = mtp_prefill_start(lengths, t, k, d, model.cfg.sliding_window)
+        ids_k = _read(ids, start + k + 1, n)  # [B, n] token i + k + 1 at index i = start + j
+        pos_k = start[:, None] + k + 1 + jnp.arange(n)  # [B, n]
+        h = _read(h, start - prev, n)  # [B, n, D] depth k - 1's output at the same indices
         h, mtp[k] = model.mtp_extend(
-            k, ids_k, h, pos + k + 1, mtp[k], lengths - (k + 1), offset=k + 1
-        )  # [B, T, D]
+            k, ids_k, h, pos_k, mtp[k], lengths - (k + 1) - start, offset=start + k + 1
+        )  # [B, n, D]
+        prev = start
     key, sub = jax.random.split(key)
     first, _ = _pick(model.logits(hidden[rows, lengths - 1]), sub, sampling)  # [B]
     tokens = jnp.full((b, max_len), pad, jnp.int32).at[:, :t].set(ids)

@@ -340,7 +340,7 @@ class MiMoV2Flash(nnx.Module):
         positions: jax.Array,
         cache: KVCache,
         lengths: jax.Array | None = None,
-        offset: int = 0,
+        offset: int | jax.Array = 0,
     ) -> tuple[jax.Array, KVCache]:
         """Runs MTP depth ``depth`` against its cache (fills it when ``lengths`` is given).
 
@@ -352,7 +352,7 @@ class MiMoV2Flash(nnx.Module):
             nor see keys.
           cache: this depth's KVCache (``init_cache(...)["mtp"][depth]``).
           lengths: int [B] valid entries per row (prefill only).
-          offset: prefill only: the position of entry 0.
+          offset: prefill only: the position of entry 0, int or int [B] per row.
 
         Returns:
           post-``final_layernorm`` hidden states [B, T, D] (``logits`` of them predict token

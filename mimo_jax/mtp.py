@@ -47,7 +47,7 @@ class MTPLayer(nnx.Module):
         positions: jax.Array,
         cache: KVCache | None = None,
         lengths: jax.Array | None = None,
-        offset: int = 0,
+        offset: int | jax.Array = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the block (cache semantics as ``Attention.__call__``).
 
@@ -57,7 +57,7 @@ class MTPLayer(nnx.Module):
           positions: int [B, T] positions of the embedded tokens.
           cache: optional KVCache of this block.
           lengths: int [B] (prefill only) valid entries per row.
-          offset: (prefill only) position of entry 0.
+          offset: (prefill only) position of entry 0, int or int [B] per row.
 
         Returns:
           ([B, T, D] post-``final_layernorm`` hidden states, the updated cache or None).

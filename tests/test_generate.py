@@ -24,11 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numerics_testing import FP32_REL, assert_close
 
 import mimo_jax
 from mimo_jax import train
 from mimo_jax.cache import KVCache
-from mimo_jax.generate import generate, max_new_per_step
+from mimo_jax.generate import (
+    Sampling,
+    draft,
+    generate,
+    max_new_per_step,
+    mtp_prefill_start,
+    prefill,
+)
 from mimo_jax.model import cache_bytes
 
 WINDOW = 5
@@ -264,6 +272,29 @@ def test_eos_stops_rows(agreeing_model, prompts, run, d):
         assert toks[i, len(p) : lens[i]].tolist() == want
         assert np.all(toks[i, lens[i] :] == 255)  # nothing after EOS
     assert lens[0] == LENGTHS[0] + full[0].index(eos) + 1 < LENGTHS[0] + MAX_NEW
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_mtp_prefill_of_the_prompt_end_drafts_exactly(model, d):
+    """The prefill runs each MTP depth on the prompt's end only (``mtp_prefill_start``); on
+    prompts longer than that, the first step's draft distributions still equal the cache-less
+    forward's MTP distributions (depth k > 0 reads depth k - 1's outputs, so a window cut too
+    short changes them)."""
+    lengths = np.array([36, 30])  # two lengths: per-row windows
+    n, start = mtp_prefill_start(jnp.asarray(lengths), 36, 0, d, WINDOW)
+    assert n < 30 and np.all(np.asarray(start) == lengths - n)  # depth 0 really is cut
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 256, (2, 36)).astype(np.int32)
+    sampling = Sampling(temperature=1.0)
+    s = prefill(model, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(0), d=d, max_new=4,
+                sampling=sampling, pad=0)  # fmt: skip
+    _, drafts = draft(model, s, d, sampling)  # probs [B, d, V] at index L - 1 per depth
+    for i, n in enumerate(lengths):
+        seq = ids[i, :n].tolist() + np.asarray(drafts.tokens[i]).tolist()  # token L, d drafts
+        _, mtp = forward(model, [seq])
+        for k in range(d):
+            want = jax.nn.softmax(jnp.asarray(mtp[k][0, n - 1], jnp.float32))
+            assert_close(drafts.probs[i, k], want, FP32_REL, f"row {i} depth {k}")
 
 
 # --- sampling: speculative and plain both draw from the main model's exact distribution ---
