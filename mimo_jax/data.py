@@ -1,7 +1,10 @@
 """Token data for training: tokenizers, corpora and batches that are a pure function of the step.
 
 * ``ByteTokenizer`` (256 ids, UTF-8 bytes) and ``HFTokenizer`` (a ``tokenizer.json`` through the
-  ``tokenizers`` library) share one small interface; ``load_tokenizer(None)`` is bytes.
+  ``tokenizers`` library) share one small interface; ``load_tokenizer(None)`` is bytes. A hub
+  tokenizer directory (``HFTokenizer.from_dir``) also gives the named special tokens and the
+  BOS / EOS / pad ids from its ``tokenizer_config.json``, ``special_tokens_map.json`` and
+  ``generation_config.json`` (docs/tokenizer.md).
 * ``load_tokens(spec)`` returns 1-D train / validation token arrays from either
   - ``source="stdlib"``: the embedded default corpus, this Python's own standard-library ``.py``
     sources, read at run time (no download, nothing cached on disk), or
@@ -22,6 +25,7 @@
 
 import dataclasses
 import glob
+import json
 import math
 import os
 import sysconfig
@@ -73,9 +77,22 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A ``tokenizer.json`` loaded with ``tokenizers.Tokenizer.from_file``."""
+    """A ``tokenizer.json`` loaded with ``tokenizers.Tokenizer.from_file``.
 
-    def __init__(self, path: str):
+    Attributes:
+      special_tokens: named special tokens, e.g. ``{"eos_token": "<|im_end|>"}`` (empty unless
+        given, as ``from_dir`` does).
+      bos_id / eos_id / pad_id: ids of the ``bos_token`` / ``eos_token`` / ``pad_token``, or None.
+      stop_ids: ids that end a generated reply: ``eos_id`` first, then the other ``stop_ids``
+        passed in (``generation_config.json``'s ``eos_token_id`` for ``from_dir``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        special_tokens: Mapping[str, str] | None = None,
+        stop_ids: Sequence[int] = (),
+    ):
         import tokenizers  # noqa: PLC0415  (only needed for real-data runs)
 
         self.path = path
@@ -84,6 +101,39 @@ class HFTokenizer:
         self.doc_sep_id = next(
             (i for s in _HF_DOC_SEP_CANDIDATES if (i := self.tok.token_to_id(s)) is not None), None
         )
+        self.special_tokens = dict(special_tokens or {})
+        self.bos_id, self.eos_id, self.pad_id = (
+            self._special_id(k) for k in ("bos_token", "eos_token", "pad_token")
+        )
+        first = () if self.eos_id is None else (self.eos_id,)
+        self.stop_ids = tuple(dict.fromkeys((*first, *(int(i) for i in stop_ids))))
+
+    @classmethod
+    def from_dir(cls, directory: str) -> "HFTokenizer":
+        """Loads a hub tokenizer directory: ``tokenizer.json`` plus its special tokens.
+
+        Named special tokens (``*_token`` keys) come from ``tokenizer_config.json``; as in
+        transformers, ``special_tokens_map.json`` overrides them only when the config has no
+        ``added_tokens_decoder``. Extra stop ids come from ``generation_config.json``'s
+        ``eos_token_id`` (an int or a list). Both JSON files are optional.
+
+        Args:
+          directory: a directory holding at least ``tokenizer.json``.
+
+        Returns:
+          The tokenizer, with ``special_tokens``, ``bos_id``/``eos_id``/``pad_id`` and ``stop_ids``.
+        """
+        config = _read_json_if_present(directory, "tokenizer_config.json")
+        special = _named_tokens(config)
+        if "added_tokens_decoder" not in config:
+            special |= _named_tokens(_read_json_if_present(directory, "special_tokens_map.json"))
+        eos = _read_json_if_present(directory, "generation_config.json").get("eos_token_id")
+        stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(os.path.join(directory, "tokenizer.json"), special, stop_ids)
+
+    def _special_id(self, name: str) -> int | None:
+        content = self.special_tokens.get(name)
+        return None if content is None else self.tok.token_to_id(content)
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of ``text`` without template special tokens (BOS/EOS), int32 [N]."""
@@ -101,9 +151,34 @@ class HFTokenizer:
         return self.decode(ids).encode("utf-8")
 
 
+def _read_json_if_present(directory: str, name: str) -> dict[str, Any]:
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _named_tokens(config: Mapping[str, Any]) -> dict[str, str]:
+    """``{"eos_token": "<|im_end|>", ...}`` from a config's ``*_token`` entries.
+
+    A token is written either as its string or as a serialised ``AddedToken`` (a dict with
+    ``"content"``); other values (``add_bos_token: true``, ``null``) are not tokens.
+    """
+    named = {}
+    for key, value in config.items():
+        content = value.get("content") if isinstance(value, dict) else value
+        if key.endswith("_token") and isinstance(content, str):
+            named[key] = content
+    return named
+
+
 def load_tokenizer(path: str | None) -> Tokenizer:
-    """Returns ``HFTokenizer(path)``, or ``ByteTokenizer()`` when ``path`` is None or empty."""
-    return HFTokenizer(path) if path else ByteTokenizer()
+    """Returns ``HFTokenizer.from_dir(path)`` for a directory, ``HFTokenizer(path)`` for a
+    ``tokenizer.json``, or ``ByteTokenizer()`` when ``path`` is None or empty."""
+    if not path:
+        return ByteTokenizer()
+    return HFTokenizer.from_dir(path) if os.path.isdir(path) else HFTokenizer(path)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,7 +190,8 @@ class DataSpec:
       train_files: glob (``**`` allowed) of training files; source="files" only.
       validation_files: glob of validation files; if unset, the ``train_files`` matches are split
         by file with ``val_percent``.
-      tokenizer: path to a ``tokenizer.json`` for text; None means bytes.
+      tokenizer: path to a ``tokenizer.json`` (or a hub tokenizer directory) for text; None
+        means bytes.
       val_percent: share of files (percent) held out for validation when splitting by file.
       max_bytes: cap on bytes read from disk per split (train and validation each); None = all.
       dtype: element type of ``.bin`` token files, "uint16" (nanoGPT) or "uint32".
