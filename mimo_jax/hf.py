@@ -3,7 +3,7 @@
 The checkpoint format is the one on the hub (and what transformers' ``save_pretrained`` writes):
 per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``, ``self_attn.attention_sink_bias``,
 MTP blocks under ``model.mtp.layers.{k}.*`` (transformers itself ignores those), PyTorch
-``[out, in]`` weights, optionally FP8 e4m3 with 128x128 ``weight_scale_inv`` block scales.
+``[out, in]`` weights, optionally FP8 e4m3 with ``weight_scale_inv`` block scales (mimo_jax/fp8.py).
 
 Memory: ``load_hf`` builds the model abstractly and fills one parameter array at a time from
 memory-mapped files, so the host holds at most one stacked parameter (for the released model the
@@ -28,12 +28,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from mimo_jax import fp8
 from mimo_jax.hf_config import config_from_hf, config_to_hf
 from mimo_jax.model import MiMoV2Flash
 from mimo_jax.progress import Progress
 
 INDEX_FILE = "model.safetensors.index.json"
-FP8_BLOCK = 128
 _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
 _FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
 
@@ -47,27 +47,31 @@ class Entry:
       index: leading indices into that leaf (scan repeat and/or expert).
       hf_shape: shape of the HF tensor.
       n_in: for linear weights, how many of the leaf's (trailing) dims are inputs; 0 = copy as is.
-      fp8: whether the tensor may be stored block-quantized.
+      quantized: whether the tensor may be stored block-quantized (FP8).
+      kv: for k_proj and v_proj, the pair whose scales may use the fused K|V layout.
     """
 
     path: tuple
     index: tuple[int, ...]
     hf_shape: tuple[int, ...]
     n_in: int = 0
-    fp8: bool = False
+    quantized: bool = False
+    kv: fp8.FusedKV | None = None
 
 
-def _linear(path, index, in_shape, out_shape, n_in=1, fp8=True) -> Entry:
-    return Entry(path, index, (math.prod(out_shape), math.prod(in_shape)), n_in, fp8)
+def _linear(path, index, in_shape, out_shape, n_in=1, quantized=True, kv=None) -> Entry:
+    return Entry(path, index, (math.prod(out_shape), math.prod(in_shape)), n_in, quantized, kv)
 
 
 def _attention_entries(cfg, prefix, path, index, sliding) -> dict[str, Entry]:
     n, h, p, d = cfg.num_heads, cfg.head_dim, cfg.v_head_dim, cfg.embed_dim
     k = cfg.swa_num_kv_heads if sliding else cfg.num_kv_heads
+    k_name, v_name = f"{prefix}.k_proj.weight", f"{prefix}.v_proj.weight"
+    kv = fp8.FusedKV(k_name, v_name, k, h, p)
     out = {
         f"{prefix}.q_proj.weight": _linear(path + ("q_proj", "kernel"), index, (d,), (n, h)),
-        f"{prefix}.k_proj.weight": _linear(path + ("k_proj", "kernel"), index, (d,), (k, h)),
-        f"{prefix}.v_proj.weight": _linear(path + ("v_proj", "kernel"), index, (d,), (k, p)),
+        k_name: _linear(path + ("k_proj", "kernel"), index, (d,), (k, h), kv=kv),
+        v_name: _linear(path + ("v_proj", "kernel"), index, (d,), (k, p), kv=kv),
         # o_proj is bf16 in the released checkpoint (not quantized), but accept FP8 anyway.
         f"{prefix}.o_proj.weight": _linear(path + ("o_proj", "kernel"), index, (n, p), (d,), 2),
     }
@@ -92,7 +96,9 @@ def hf_entries(model: MiMoV2Flash) -> dict[str, Entry]:
     table = {
         "model.embed_tokens.weight": Entry(("embed_tokens", "embedding"), (), (cfg.vocab_size, d)),
         "model.norm.weight": norm(("norm",), ()),
-        "lm_head.weight": _linear(("lm_head", "kernel"), (), (d,), (cfg.vocab_size,), fp8=False),
+        "lm_head.weight": _linear(
+            ("lm_head", "kernel"), (), (d,), (cfg.vocab_size,), quantized=False
+        ),
     }
     for i in range(cfg.num_layers):
         where, j, r = model.plan.locate(i)
@@ -112,7 +118,7 @@ def hf_entries(model: MiMoV2Flash) -> dict[str, Entry]:
             continue
         mlp = path + ("mlp",)
         table[f"{pre}.mlp.gate.weight"] = _linear(
-            mlp + ("router", "kernel"), idx, (d,), (e,), fp8=False
+            mlp + ("router", "kernel"), idx, (d,), (e,), quantized=False
         )
         table[f"{pre}.mlp.gate.e_score_correction_bias"] = Entry(
             mlp + ("router", "bias"), idx, (e,)
@@ -187,40 +193,57 @@ class _Checkpoint:
             return f.get_tensor(name)
 
 
-def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """W[r, c] = float(W_fp8[r, c]) * S[r // block, c // block], in float32.
-
-    Args:
-      weight: [R, C] float8_e4m3fn.
-      scale_inv: [ceil(R / block), ceil(C / block)] float32.
-      block: block edge.
+def _block_scales(ckpt: _Checkpoint, name: str, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
+    """The block scales of an FP8 weight and, per weight row, which scale row applies.
 
     Returns:
-      [R, C] float32.
+      ([S, ceil(C / 128)] float32, [R] int): for k_proj and v_proj in the fused K|V layout the
+      scales are both tensors' scales, k_proj's first (mimo_jax/fp8.py); otherwise the tensor's
+      own scale read in plain 128x128 blocks.
+
+    Raises:
+      ValueError: naming the scale, its dtype and shape, and the shapes accepted.
     """
-    rows, cols = weight.shape
-    want = (-(-rows // block), -(-cols // block))
-    if scale_inv.shape != want:
-        # np.repeat + crop would silently misalign (too many rows) or fail to broadcast.
-        raise ValueError(
-            f"dequantize_fp8: scale shape {scale_inv.shape} does not tile weight {weight.shape} "
-            f"in {block}x{block} blocks; expected {want}"
+    scale_name = fp8.scale_name(name)
+    rows, cols = ckpt.shape(name)
+    want = (fp8.num_blocks(rows), fp8.num_blocks(cols))
+    found = (ckpt.dtype(scale_name), ckpt.shape(scale_name))
+    accepted = f"F32 {want} (128x128 blocks)"
+    kv = entry.kv
+    fused = kv.fused_scale_rows() if kv is not None else None
+    if fused is not None:
+        k_scale, v_scale = fp8.scale_name(kv.k_name), fp8.scale_name(kv.v_name)
+        want_k, want_v = ((n, want[1]) for n in fused)
+        other, want_other = (v_scale, want_v) if name == kv.k_name else (k_scale, want_k)
+        if all(
+            s in ckpt.meta and ckpt.dtype(s) == "F32" and ckpt.shape(s) == w
+            for s, w in ((k_scale, want_k), (v_scale, want_v))
+        ):
+            scales = np.concatenate([ckpt.read(k_scale), ckpt.read(v_scale)])
+            return scales, kv.fused_rows(name)
+        other_found = f"{ckpt.dtype(other)} {ckpt.shape(other)}" if other in ckpt.meta else "absent"
+        accepted += (
+            f", or F32 {want_k if name == kv.k_name else want_v} with {other!r} F32 {want_other} "
+            f"(K and V rows of each KV head quantized as one fused matrix; it is {other_found})"
         )
-    s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:rows, :cols]
-    return weight.astype(np.float32) * s
-
-
-def _scale_name(name: str) -> str:
-    """``...weight`` -> ``...weight_scale_inv`` (the block scales of an FP8 weight)."""
-    return name + "_scale_inv"
+    if found != ("F32", want):
+        raise ValueError(
+            f"checkpoint tensor {scale_name!r} is {found[0]} {found[1]}, expected {accepted}"
+        )
+    return ckpt.read(scale_name), np.arange(rows) // fp8.FP8_BLOCK
 
 
 def _read_checked(ckpt: _Checkpoint, name: str, entry: Entry) -> np.ndarray:
-    """Reads one tensor, checking its shape and dtype, dequantizing FP8; returns float32/bf16."""
+    """Reads one tensor, checking its shape and dtype, dequantizing FP8; returns float32/bf16.
+
+    Whether a tensor is quantized is told by its dtype and scale alone, not by the config's
+    ``quantization_config.ignored_layers``: the release's MTP o_proj are bf16 without a scale
+    although that list names only the main layers' o_proj.
+    """
     shape, dtype = ckpt.shape(name), ckpt.dtype(name)
     if shape != entry.hf_shape:
         raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, expected {entry.hf_shape}")
-    scale_name = _scale_name(name)
+    scale_name = fp8.scale_name(name)
     if dtype not in _FP8_DTYPES and scale_name in ckpt.meta:
         # A scale on an unquantized tensor means the file is not what we think it is; applying
         # or ignoring it would both be guesses.
@@ -228,21 +251,12 @@ def _read_checked(ckpt: _Checkpoint, name: str, entry: Entry) -> np.ndarray:
             f"checkpoint tensor {scale_name!r} exists but {name!r} is {dtype}, not FP8"
         )
     if dtype in _FP8_DTYPES:
-        if not entry.fp8:
+        if not entry.quantized:
             raise ValueError(f"checkpoint tensor {name!r} is {dtype}, but it is never quantized")
         if scale_name not in ckpt.meta:
             raise ValueError(f"checkpoint tensor {name!r} is {dtype} but {scale_name!r} is missing")
-        want = tuple(-(-s // FP8_BLOCK) for s in shape)
-        if ckpt.shape(scale_name) != want or ckpt.dtype(scale_name) != "F32":
-            # Only plain 128x128 blocks are read. The released checkpoint's global-layer k_proj
-            # scales are [8, 32], not [6, 32]: blocks per KV head over its fused K|V rows, which
-            # also scale part of v_proj (as sglang-jax dequantizes them). Refuse rather than
-            # misread them.
-            raise ValueError(
-                f"checkpoint tensor {scale_name!r} is {ckpt.dtype(scale_name)} "
-                f"{ckpt.shape(scale_name)}, expected F32 {want} (128x128 blocks)"
-            )
-        return dequantize_fp8(ckpt.read(name), ckpt.read(scale_name))
+        scales, rows = _block_scales(ckpt, name, entry)
+        return fp8.dequantize_rows(ckpt.read(name), scales, rows)
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(
             f"checkpoint tensor {name!r} has dtype {dtype}; expected one of "

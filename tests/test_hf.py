@@ -13,7 +13,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -444,21 +443,3 @@ def test_fp8_import_matches_dequantized_reference(tmp_path):
     err = max_rel_diff(got[kernel], orig[kernel])
     print(f"FP8 quantization error {err:.4g} x max |w|")
     assert 0 < err <= 0.036, err
-
-
-def test_dequantize_fp8_by_hand():
-    w = np.arange(1, 10, dtype=np.float32).reshape(3, 3).astype(ml_dtypes.float8_e4m3fn)
-    s = np.array([[1.0, 10.0], [100.0, 1000.0]], np.float32)
-    want = np.array([[1, 2, 30], [4, 5, 60], [700, 800, 9000]], np.float32)
-    got = hf.dequantize_fp8(w, s, block=2)
-    assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, want)
-
-    # Default 128 blocks with a ragged edge: each corner takes its own block's scale.
-    w = np.full((130, 257), 1.5, ml_dtypes.float8_e4m3fn)
-    s = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
-    got = hf.dequantize_fp8(w, s)
-    for r, c, k in [(0, 0, 1), (127, 127, 1), (128, 0, 4), (0, 128, 2), (129, 256, 6), (5, 256, 3)]:
-        assert got[r, c] == 1.5 * k, (r, c, got[r, c])
-    with pytest.raises(ValueError, match="scale shape"):
-        hf.dequantize_fp8(w, s[:1])
