@@ -142,6 +142,20 @@ def _pick(logits: jax.Array, key: jax.Array | None, sampling: Sampling):
     return jax.random.categorical(key, jnp.log(p)).astype(jnp.int32), p
 
 
+def _leading_true(ok: jax.Array) -> jax.Array:
+    """int32 [B]: how many of ``ok`` [B, d]'s first entries per row are all True.
+
+    Unrolled over the static d: ``jnp.cumprod`` lowers to a reduce-window, which on CPU costs
+    more than the rest of the acceptance together.
+    """
+    run = jnp.ones(ok.shape[:1], bool)
+    n = jnp.zeros(ok.shape[:1], jnp.int32)
+    for j in range(ok.shape[1]):
+        run = run & ok[:, j]
+        n = n + run
+    return n
+
+
 def _read(x: jax.Array, start: jax.Array, n: int) -> jax.Array:
     """x [B, S, ...] at rows ``start[b] .. start[b] + n - 1`` (clipped into range): [B, n, ...]."""
     idx = jnp.clip(start[:, None] + jnp.arange(n), 0, x.shape[1] - 1)  # [B, n]
@@ -347,7 +361,7 @@ def accept(
     key = s.key
     if sampling.greedy:
         z = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, d + 1]
-        n_acc = jnp.sum(jnp.cumprod(y == z[:, :d], axis=-1), axis=-1).astype(jnp.int32)  # [B]
+        n_acc = _leading_true(y == z[:, :d])  # [B]
         new = z  # the accepted drafts equal z, so z[:, :n_acc + 1] are the committed tokens
     else:
         p = _probs(logits, sampling)  # [B, d + 1, V]
@@ -358,7 +372,7 @@ def accept(
             p_y = jnp.take_along_axis(p[:, :d], y[..., None], -1)[..., 0]  # [B, d]
             q_y = jnp.take_along_axis(q, y[..., None], -1)[..., 0]
             ok = jax.random.uniform(keys[0], (b, d)) * q_y < p_y  # probability min(1, p / q)
-            n_acc = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1).astype(jnp.int32)  # [B]
+            n_acc = _leading_true(ok)  # [B]
             residual = jnp.concatenate([jnp.maximum(p[:, :d] - q, 0.0), p[:, d:]], axis=1)
             dist = jnp.take_along_axis(residual, n_acc[:, None, None], axis=1)[:, 0]  # [B, V]
         else:
