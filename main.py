@@ -7,6 +7,7 @@ Progress is printed; absl INFO logs (the checkpointing library's included) appea
 python main.py --config=configs/tiny.py --workdir=runs/tiny        # train (default)
 python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
 python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_tokens=3
+python main.py --mode=generate --workdir=runs/imported --chat --prompt='Hello'
 python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
 python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
 """
@@ -22,12 +23,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import process_setup
-from mimo_jax import checkpoint, data, hf, train
+from mimo_jax import chat, checkpoint, data, hf, train
 from mimo_jax.generate import generate
 
 PROG = "main.py"
 MODES = ("train", "eval", "generate", "import_hf", "export_hf")
-TOKENIZER_FILE = "tokenizer.json"
+# A hub directory's tokenizer: vocabulary, special tokens, chat template, stop ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", chat.TEMPLATE_FILE)  # fmt: skip
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: model config, checkpoints, metrics.")
@@ -36,6 +39,7 @@ flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (import source / ex
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Import: storage dtype override.")
 flags.DEFINE_bool("overwrite", False, "Export: replace an existing --hf_dir.")
 flags.DEFINE_string("prompt", "def ", "Generate: the prompt text.")
+flags.DEFINE_bool("chat", False, "Generate: --prompt is a user message in the chat template.")
 flags.DEFINE_integer("max_new_tokens", 200, "Generate: tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "Generate: 0 is greedy.")
 flags.DEFINE_integer("top_k", 0, "Generate: top-k filter (0 = off).")
@@ -64,8 +68,9 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str | None = None) -> None
     if ckpt.latest_step() is not None:
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir")
     checkpoint.save_model_config(workdir, model.cfg)
-    if os.path.exists(os.path.join(hf_dir, TOKENIZER_FILE)):
-        shutil.copy(os.path.join(hf_dir, TOKENIZER_FILE), os.path.join(workdir, TOKENIZER_FILE))
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(hf_dir, name)):
+            shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
     ckpt.save(0, model)
     ckpt.close()
     print(f"imported {hf_dir} -> {workdir}")
@@ -78,20 +83,30 @@ def export_hf(workdir: str, hf_dir: str, overwrite: bool = False) -> None:
 
 
 def generate_text(workdir: str) -> str:
-    """Loads the workdir's model (and tokenizer.json if present, else bytes) and prints a
-    continuation of --prompt."""
-    model = checkpoint.load_model(workdir)
-    tok_path = os.path.join(workdir, TOKENIZER_FILE)
-    tokenizer = data.load_tokenizer(tok_path if os.path.exists(tok_path) else None)
-    ids = tokenizer.encode(FLAGS.prompt)
+    """Loads the workdir's model and tokenizer (its tokenizer.json if present, else bytes) and
+    prints a continuation of --prompt; with --chat, the reply to --prompt as one user message of
+    the workdir's chat template, stopping at the tokenizer's EOS."""
+    has_tokenizer = os.path.exists(os.path.join(workdir, TOKENIZER_FILES[0]))
+    tokenizer = data.load_tokenizer(workdir if has_tokenizer else None)
+    eos, shown = None, FLAGS.prompt
+    if FLAGS.chat:  # before the model loads: a directory without a template fails at once
+        template = chat.ChatTemplate.from_dir(workdir)
+        ids = template.encode([{"role": "user", "content": FLAGS.prompt}])
+        # generate stops on one id: the tokenizer's eos_token (the template's end of turn).
+        eos = next(iter(template.tokenizer.stop_ids), None)
+        shown = ""  # the reply only, not the template's markup
+    else:
+        ids = tokenizer.encode(FLAGS.prompt)
     if len(ids) == 0:
         raise ValueError("--prompt must not be empty")
+    model = checkpoint.load_model(workdir)
+    eos = model.cfg.eos_token_id if eos is None else eos
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     started = []
 
     def stream(new_tokens):  # printed as the device loop commits them
         if not started:  # the prompt first, once generate has accepted the arguments
-            sys.stdout.write(FLAGS.prompt)
+            sys.stdout.write(shown)
             started.append(True)
         sys.stdout.write(utf8.decode(tokenizer.decode_bytes(new_tokens)))
         sys.stdout.flush()
@@ -104,7 +119,7 @@ def generate_text(workdir: str) -> str:
         top_k=FLAGS.top_k,
         top_p=FLAGS.top_p,
         num_draft_tokens=FLAGS.num_draft_tokens,
-        eos_token_id=model.cfg.eos_token_id,
+        eos_token_id=eos,
         seed=FLAGS.seed,
         stream=stream,
     )

@@ -125,7 +125,8 @@ class ChatTemplate:
             ``chat_template`` is used unless ``chat_template.jinja`` exists).
 
         Returns:
-          The chat template. A directory without any template is a ValueError naming the files.
+          The chat template. A directory without a template or without ``tokenizer.json`` is a
+          ValueError naming the missing file.
         """
         config_path = os.path.join(directory, CONFIG_FILE)
         file_path = os.path.join(directory, TEMPLATE_FILE)
@@ -141,8 +142,12 @@ class ChatTemplate:
             if isinstance(templates, list):  # [{"name": ..., "template": ...}, ...]
                 templates = {t["name"]: t["template"] for t in templates}
         if not templates:
-            raise ValueError(f"no chat template: {config_path} has no 'chat_template' and "
-                             f"{file_path} does not exist")  # fmt: skip
+            missing = f"{config_path} has no 'chat_template' and {file_path} does not exist"
+            raise ValueError(f"no chat template: {missing}")
+        if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+            raise ValueError(
+                f"a chat template needs its tokenizer: {directory} has no tokenizer.json"
+            )
         return cls(templates, HFTokenizer.from_dir(directory), source)
 
     def render(

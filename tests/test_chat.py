@@ -5,14 +5,11 @@ import json
 
 import jinja2
 import pytest
+import transformers
+from chat_testing import write_tokenizer_dir
 
 from mimo_jax import chat, data
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 # ChatML in the style of Qwen3 / MiMo: indented tags and line breaks that only vanish with
 # trim_blocks + lstrip_blocks, {% continue %} (loopcontrols), tools through tojson, an unknown
 # role through raise_exception, reasoning traces, and an enable_thinking switch that writes an
@@ -111,46 +108,15 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    """tokenizer.json, tokenizer_config.json (with the template), special_tokens_map.json and
+    """tokenizer.json, tokenizer_config.json (with TEMPLATE), special_tokens_map.json and
     generation_config.json, as a hub directory lays them out."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-
     d = tmp_path_factory.mktemp("tok")
-    tok = tokenizers.Tokenizer(models.BPE())
-    # Qwen2's pipeline: transformers' Qwen2Tokenizer rebuilds exactly this from the vocabulary and
-    # merges, whatever tokenizer.json says, so the released files must (and do) spell it out.
-    tok.normalizer = normalizers.NFC()
-    split = pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), behavior="isolated")
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=alphabet
-    )
-    corpus = [json.dumps(c) for c in CONVERSATIONS.values()] + [TEMPLATE]
-    tok.train_from_iterator(corpus * 3, trainer)
-    tok.save(str(d / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer",  # the released checkpoint's class
-        "bos_token": None,
-        "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "special": True},
-        "add_bos_token": False,
-        "chat_template": TEMPLATE,
-    }
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
-    # Without added_tokens_decoder in the config, transformers reads this file over it.
-    (d / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
-    eos_ids = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids}))
+    write_tokenizer_dir(d, [json.dumps(c) for c in CONVERSATIONS.values()] + [TEMPLATE], TEMPLATE)
     return d
 
 
 @pytest.fixture(scope="module")
 def hf_tok(tok_dir):
-    transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
 
 
@@ -178,7 +144,6 @@ def test_whitespace_control_and_thinking_switch(tok_dir):
 
 
 def test_special_ids_equal_transformers(tok_dir, hf_tok):
-    transformers = pytest.importorskip("transformers")
     tok = data.load_tokenizer(str(tok_dir))  # a directory: HFTokenizer.from_dir
     assert isinstance(tok, data.HFTokenizer)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from chat_testing import write_tokenizer_dir
 from flax import nnx
 
 import mimo_jax
@@ -43,11 +44,24 @@ def _assert_user_error(r, *needles):
 
 
 def test_import_export_round_trip(tmp_path):
-    model = mimo_jax.MiMoV2Flash(mimo_jax.tiny(num_layers=3, num_mtp_layers=2), rngs=nnx.Rngs(0))
+    """Import and export keep every tensor; import brings the tokenizer files, which --chat uses."""
+    cfg = mimo_jax.tiny(num_layers=3, num_mtp_layers=2, vocab_size=512)  # holds the 400-id BPE
+    model = mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0))
     src, work, out = tmp_path / "src", tmp_path / "work", tmp_path / "out"
     hf.save_hf(model, str(src))
+    write_tokenizer_dir(src, ["hello world", "what is two plus two"])
     r = _main("--mode=import_hf", f"--hf_dir={src}", f"--workdir={work}")
     assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (work / name).read_bytes() == (src / name).read_bytes(), name
+    r = _main(
+        "--mode=generate", f"--workdir={work}", "--chat", "--prompt=hello", "--max_new_tokens=4"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "<|im_start|>" not in r.stdout and re.search(r"^\[\d tokens, ", r.stdout, re.M), r.stdout
+    (work / "tokenizer_config.json").unlink()
+    r = _main("--mode=generate", f"--workdir={work}", "--chat")
+    _assert_user_error(r, "no chat template", "tokenizer_config.json")
     restored = checkpoint.load_model(str(work))
     for a, b in zip(
         jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored)), strict=True
