@@ -187,3 +187,25 @@ def test_named_templates_pick_tool_use(tok_dir):
     assert template.encode(user) == [*tok.encode("d"), tok.eos_id]
     with pytest.raises(ValueError, match="none 'default'"):
         chat.ChatTemplate({"tool_use": "t"}, tok)
+
+
+@pytest.mark.parametrize("has_added_tokens_decoder", [False, True])
+def test_special_tokens_map_precedence_as_transformers(tmp_path, has_added_tokens_decoder):
+    write_tokenizer_dir(tmp_path, ["hello world"])
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["pad_token"] = "<|im_start|>"
+    if has_added_tokens_decoder:  # then transformers ignores special_tokens_map.json
+        config["added_tokens_decoder"] = {"0": {"content": "<|endoftext|>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    overrides = {"pad_token": "<think>", "eos_token": {"content": "</think>"}}
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(overrides))
+    ours = data.HFTokenizer.from_dir(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (ours.special_tokens["pad_token"], ours.special_tokens["eos_token"]) == (
+        theirs.pad_token,
+        theirs.eos_token,
+    )
+    assert (ours.pad_id, ours.eos_id) == (theirs.pad_token_id, theirs.eos_token_id)
+    assert ours.pad_id == ours.tok.token_to_id(
+        "<|im_start|>" if has_added_tokens_decoder else "<think>"
+    )
