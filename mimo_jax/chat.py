@@ -114,7 +114,6 @@ class ChatTemplate:
         env = _environment()
         self.templates = {name: env.from_string(t) for name, t in named.items()}
         self.tokenizer = tokenizer
-        self.source = source
 
     @classmethod
     def from_dir(cls, directory: str) -> "ChatTemplate":

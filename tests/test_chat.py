@@ -187,6 +187,9 @@ def test_named_templates_pick_tool_use(tok_dir):
     assert template.encode(user) == [*tok.encode("d"), tok.eos_id]
     with pytest.raises(ValueError, match="none 'default'"):
         chat.ChatTemplate({"tool_use": "t"}, tok)
+    # transformers' training-mask tag renders its body unchanged.
+    marked = chat.ChatTemplate("{% generation %}a{% endgeneration %}b", tok)
+    assert marked.render(user) == "ab"
 
 
 @pytest.mark.parametrize("has_added_tokens_decoder", [False, True])
