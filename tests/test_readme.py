@@ -79,6 +79,10 @@ COVERAGE = {
     "python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR": ByTests(
         "test_cli.py::test_import_export_round_trip"
     ),
+    "python main.py --mode=generate --workdir=runs/imported --chat --prompt=Hello": ByTests(
+        "test_cli.py::test_import_export_round_trip",
+        "test_chat.py::test_render_and_ids_equal_transformers",
+    ),
     "python bench/attention.py": Run(
         ("--quick", "--seqs=128,256", "--repeats=1", "--out={tmp}/attention.json"), "ratios are T="
     ),
