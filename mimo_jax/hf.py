@@ -6,9 +6,12 @@ MTP blocks under ``model.mtp.layers.{k}.*`` (transformers itself ignores those),
 ``[out, in]`` weights, optionally FP8 e4m3 with ``weight_scale_inv`` block scales (mimo_jax/fp8.py).
 
 Memory: ``load_hf`` builds the model abstractly and fills one parameter array at a time from
-memory-mapped files, so the host holds at most one stacked parameter (for the released model the
-largest is one scanned expert weight, 7 x 256 x 4096 x 2048 x 2 bytes = 30 GB in bf16) plus one
-file tensor. ``save_hf`` writes one shard (default 4 GB) at a time.
+memory-mapped files. On one device the host holds at most one stacked parameter (for the released
+model the largest is one scanned expert weight, 7 x 256 x 4096 x 2048 x 2 bytes = 30 GB in bf16)
+plus one file tensor. Under ``sharding.use_mesh`` each parameter is created in its sharded layout,
+each device's shard read from only its part of the files (``mimo_jax.hf_slices``), so the host
+holds one device shard plus one file tensor's slice at a time. ``save_hf`` writes one shard
+(default 4 GB) at a time.
 """
 
 import dataclasses
@@ -22,20 +25,16 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mimo_jax import fp8
+from mimo_jax import fp8, hf_slices, sharding
+from mimo_jax.axes import current_rules
 from mimo_jax.hf_config import config_from_hf, config_to_hf
+from mimo_jax.hf_slices import INDEX_FILE, Checkpoint, check_tensor
 from mimo_jax.model import MiMoV2Flash
 from mimo_jax.progress import Progress
-
-INDEX_FILE = "model.safetensors.index.json"
-_FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
-_FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,124 +144,15 @@ def hf_entries(model: MiMoV2Flash) -> dict[str, Entry]:
 # Reading.
 
 
-class _Checkpoint:
-    """Lazy view of the tensors in a HF checkpoint directory (single file or sharded)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        index = os.path.join(path, INDEX_FILE)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
-        self.meta: dict[
-            str, tuple[str, str, list[int], int]
-        ] = {}  # name -> file, dtype, shape, offset
-        for fname in files:
-            fpath = os.path.join(path, fname)
-            if not os.path.exists(fpath):
-                raise FileNotFoundError(f"{path}: {INDEX_FILE} lists {fname}, which is missing")
-            with open(fpath, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if name in self.meta:
-                    raise ValueError(f"{path}: tensor {name!r} appears in two files")
-                start = 8 + n + info["data_offsets"][0]
-                self.meta[name] = (fpath, info["dtype"], list(info["shape"]), start)
-
-    def dtype(self, name: str) -> str:
-        return self.meta[name][1]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.meta[name][2])
-
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array (memory-mapped; float8 via ml_dtypes)."""
-        fpath, dtype, shape, start = self.meta[name]
-        if dtype in _FP8_DTYPES:
-            # numpy has no float8, so safetensors' numpy loader cannot read it; map the bytes.
-            return np.memmap(fpath, _FP8_DTYPES[dtype], "r", start, tuple(shape))
-        with safe_open(fpath, framework="numpy") as f:
-            return f.get_tensor(name)
-
-
-def _block_scales(ckpt: _Checkpoint, name: str, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
-    """The block scales of an FP8 weight and, per weight row, which scale row applies.
+def _read_checked(ckpt: Checkpoint, name: str, entry: Entry) -> np.ndarray:
+    """Reads one tensor, checking it (``hf_slices.check_tensor``), dequantizing FP8.
 
     Returns:
-      ([S, ceil(C / 128)] float32, [R] int): for k_proj and v_proj in the fused K|V layout the
-      scales are both tensors' scales, k_proj's first (mimo_jax/fp8.py); otherwise the tensor's
-      own scale read in plain 128x128 blocks.
-
-    Raises:
-      ValueError: naming the scale, its dtype and shape, and the shapes accepted.
+      The tensor as stored ([out, in] or a vector), float32 if FP8, otherwise the file's dtype.
     """
-    scale_name = fp8.scale_name(name)
-    rows, cols = ckpt.shape(name)
-    want = (fp8.num_blocks(rows), fp8.num_blocks(cols))
-    found = (ckpt.dtype(scale_name), ckpt.shape(scale_name))
-    accepted = f"F32 {want} (128x128 blocks)"
-    kv = entry.kv
-    fused = kv.fused_scale_rows() if kv is not None else None
-    if fused is not None:
-        k_scale, v_scale = fp8.scale_name(kv.k_name), fp8.scale_name(kv.v_name)
-        want_k, want_v = ((n, want[1]) for n in fused)
-        other, want_other = (v_scale, want_v) if name == kv.k_name else (k_scale, want_k)
-        if all(
-            s in ckpt.meta and ckpt.dtype(s) == "F32" and ckpt.shape(s) == w
-            for s, w in ((k_scale, want_k), (v_scale, want_v))
-        ):
-            scales = np.concatenate([ckpt.read(k_scale), ckpt.read(v_scale)])
-            return scales, kv.fused_rows(name)
-        other_found = f"{ckpt.dtype(other)} {ckpt.shape(other)}" if other in ckpt.meta else "absent"
-        accepted += (
-            f", or F32 {want_k if name == kv.k_name else want_v} with {other!r} F32 {want_other} "
-            f"(K and V rows of each KV head quantized as one fused matrix; it is {other_found})"
-        )
-    if found != ("F32", want):
-        raise ValueError(
-            f"checkpoint tensor {scale_name!r} is {found[0]} {found[1]}, expected {accepted}"
-        )
-    return ckpt.read(scale_name), np.arange(rows) // fp8.FP8_BLOCK
-
-
-def _read_checked(ckpt: _Checkpoint, name: str, entry: Entry) -> np.ndarray:
-    """Reads one tensor, checking its shape and dtype, dequantizing FP8; returns float32/bf16.
-
-    Whether a tensor is quantized is told by its dtype and scale alone, not by the config's
-    ``quantization_config.ignored_layers``: the release's MTP o_proj are bf16 without a scale
-    although that list names only the main layers' o_proj.
-    """
-    shape, dtype = ckpt.shape(name), ckpt.dtype(name)
-    if shape != entry.hf_shape:
-        raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, expected {entry.hf_shape}")
-    scale_name = fp8.scale_name(name)
-    if dtype not in _FP8_DTYPES and scale_name in ckpt.meta:
-        # A scale on an unquantized tensor means the file is not what we think it is; applying
-        # or ignoring it would both be guesses.
-        raise ValueError(
-            f"checkpoint tensor {scale_name!r} exists but {name!r} is {dtype}, not FP8"
-        )
-    if dtype in _FP8_DTYPES:
-        if not entry.quantized:
-            raise ValueError(f"checkpoint tensor {name!r} is {dtype}, but it is never quantized")
-        if scale_name not in ckpt.meta:
-            raise ValueError(f"checkpoint tensor {name!r} is {dtype} but {scale_name!r} is missing")
-        scales, rows = _block_scales(ckpt, name, entry)
-        return fp8.dequantize_rows(ckpt.read(name), scales, rows)
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"checkpoint tensor {name!r} has dtype {dtype}; expected one of "
-            f"{sorted(_FLOAT_DTYPES) + sorted(_FP8_DTYPES)}"
-        )
-    return ckpt.read(name)
+    quant = check_tensor(ckpt, name, entry)
+    x = ckpt.read(name)
+    return x if quant is None else fp8.dequantize_rows(x, *quant)
 
 
 def _to_leaf_layout(x: np.ndarray, entry: Entry, leaf_shape: tuple[int, ...]) -> np.ndarray:
@@ -302,16 +192,24 @@ def load_hf(path: str, **overrides) -> MiMoV2Flash:
       **overrides: ModelConfig fields to set (e.g. ``param_dtype="float32"``, ``moe_impl``).
         ``param_dtype`` defaults to the config's ``torch_dtype``/``dtype``.
 
+    Called under ``sharding.use_mesh(mesh, preset)``, every parameter is created directly in
+    the layout ``sharding.create_model`` gives it: each of this process's devices gets its shard
+    assembled from only the rows / columns of the file tensors it needs (FP8 dequantized for that
+    part alone; a shard may cut a 128-block), so host memory beyond the memory-mapped files is
+    one device shard plus one file tensor's slice (float32 if FP8) at a time, never a whole
+    parameter. Values are bit for bit those of the single-device load.
+
     Returns:
-      The model.
+      The model (sharded under a mesh, on the default device otherwise).
 
     Raises:
       ValueError: on a malformed config, or a missing, extra, misshaped or wrongly typed tensor
-        (the message names it).
+        (the message names it), all checked before any weight is read; under a mesh, also on a
+        mesh that does not divide a sharded dim.
     """
     with open(os.path.join(path, "config.json")) as f:
         hf_cfg = json.load(f)
-    ckpt = _Checkpoint(path)
+    ckpt = Checkpoint(path)
     stored = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype")
     defaults = {}
     if stored in ("float32", "bfloat16", "float16"):
@@ -344,16 +242,31 @@ def load_hf(path: str, **overrides) -> MiMoV2Flash:
     if extra or orphan:
         raise ValueError(f"{path}: unexpected tensor(s) in checkpoint: {(extra + orphan)[:5]}")
 
+    for name, entry in table.items():
+        check_tensor(ckpt, name, entry)  # every tensor's shape, dtype and scales, before reading
+
     graphdef, state = nnx.split(abstract)
     leaves = _leaves(state)
     by_leaf: dict[tuple, list[tuple[str, Entry]]] = {}
     for name, entry in table.items():
         by_leaf.setdefault(entry.path, []).append((name, entry))
+    mesh = jax.sharding.get_mesh()
+    sharded = not mesh.empty and bool(current_rules())
+    if sharded:
+        sharding.check_divisible(state, mesh)
+        shardings = dict(nnx.to_flat_state(sharding.state_shardings(state)))
     progress = Progress("read tensor", len(table), keep=False)
     for leaf_path, var in leaves.items():
         if leaf_path not in by_leaf:
             raise AssertionError(f"no checkpoint tensor maps to parameter {leaf_path}")
-        buf = np.empty(var.shape, jnp.dtype(var.dtype))
+        dtype = jnp.dtype(var.dtype)
+        if sharded:
+            parts = [(n, e, check_tensor(ckpt, n, e)) for n, e in by_leaf[leaf_path]]
+            where = shardings[leaf_path].get_value()
+            var.set_value(hf_slices.sharded_leaf(ckpt, var.shape, dtype, where, parts))
+            progress.update(progress.done + len(parts))
+            continue
+        buf = np.empty(var.shape, dtype)
         for name, entry in by_leaf[leaf_path]:
             x = _read_checked(ckpt, name, entry)
             buf[entry.index] = _to_leaf_layout(x, entry, var.shape).astype(buf.dtype)
