@@ -10,8 +10,9 @@ memory-mapped files. On one device the host holds at most one stacked parameter 
 model the largest is one scanned expert weight, 7 x 256 x 4096 x 2048 x 2 bytes = 30 GB in bf16)
 plus one file tensor. Under ``sharding.use_mesh`` each parameter is created in its sharded layout,
 each device's shard read from only its part of the files (``mimo_jax.hf_slices``), so the host
-holds one device shard plus one file tensor's slice at a time. ``save_hf`` writes one shard
-(default 4 GB) at a time.
+holds one device shard plus one file tensor's slice at a time. ``save_hf`` gathers one tensor
+at a time to the host, from any mesh and across processes, and fills one file (default 4 GB) at
+a time.
 """
 
 import dataclasses
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from mimo_jax import fp8, hf_slices, sharding
@@ -280,14 +282,31 @@ def load_hf(path: str, **overrides) -> MiMoV2Flash:
 # Writing.
 
 
+@jax.jit
+def _take(x: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
+    """``x[index]``, traced indices so one program serves every expert / repeat of a leaf."""
+    return x[index]
+
+
+def _gather(x: jax.Array, index: tuple[int, ...]) -> np.ndarray:
+    """``x[index]`` on this host, whatever the devices and processes that hold ``x``.
+
+    The slice is cut on the devices first, so only its bytes travel to the host: for a stacked
+    expert leaf, one expert's weight. Across processes every process must call this with the
+    same arguments (``process_allgather`` is a collective); each then holds the whole slice.
+    """
+    if index:
+        x = _take(x, tuple(np.int32(i) for i in index))
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _hf_tensors(model: MiMoV2Flash) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for every HF tensor, one slice at a time (never the whole model)."""
+    """(name, array) for every HF tensor, one tensor on the host at a time (never a whole leaf)."""
     leaves = _leaves(nnx.state(model))
     for name, entry in hf_entries(model).items():
-        x = leaves[entry.path][...]
-        if entry.index:
-            x = x[entry.index]
-        yield name, _from_leaf_layout(np.asarray(jax.device_get(x)), entry)
+        yield name, _from_leaf_layout(_gather(leaves[entry.path][...], entry.index), entry)
 
 
 def _sibling(path: str, kind: str) -> str:
@@ -305,17 +324,37 @@ def save_hf(
     The directory appears atomically: everything is written to a temporary sibling and renamed
     into place, so a failed export leaves no partial directory.
 
+    The model may be sharded over a mesh, across processes too: one hub tensor at a time (for a
+    stacked expert weight, one expert's slice) is cut on the devices and gathered to the host,
+    so host memory is bounded by the safetensors file being filled (at most ``max_shard_bytes``,
+    or one tensor if larger), its serialized copy while it is written, and one tensor; never a
+    whole parameter. The files are bit for bit those of the same model on one device. With
+    several processes every process must call this (the gathers are collectives); process 0
+    alone writes, into a directory only it needs to see, and all return once it is in place.
+
     Args:
       model: the model.
       path: output directory; must not exist unless ``overwrite``.
       max_shard_bytes: upper bound of one safetensors file; more tensors go to further shards,
         listed in ``model.safetensors.index.json``.
       overwrite: replace an existing directory (only after the new one is complete).
+
+    Raises:
+      FileExistsError: if ``path`` exists (on process 0) and not ``overwrite``.
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
+    writer = jax.process_index() == 0
+    exists = os.path.exists(path)
+    if jax.process_count() > 1:
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if exists and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     hf_cfg = config_to_hf(model.cfg)  # validates before any file is written
+    if not writer:
+        for _ in _hf_tensors(model):
+            pass  # the other processes' part of each gather
+        multihost_utils.sync_global_devices(f"save_hf {path}")
+        return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would stick to the published checkpoint, while a
@@ -323,37 +362,7 @@ def save_hf(
     tmp = _sibling(path, "tmp")
     os.mkdir(tmp)
     try:
-        shards: list[list[str]] = []
-        files: list[str] = []
-        pending: dict[str, np.ndarray] = {}
-        size = total = 0
-
-        def flush():
-            nonlocal pending, size
-            if pending:
-                fname = f"model-{len(files) + 1:05d}.safetensors"
-                save_file(pending, os.path.join(tmp, fname), metadata={"format": "pt"})
-                files.append(fname)
-                shards.append(list(pending))
-                pending, size = {}, 0
-
-        progress = Progress("write tensor", len(hf_entries(model)), keep=False)
-        for name, x in _hf_tensors(model):
-            if pending and size + x.nbytes > max_shard_bytes:
-                flush()
-            pending[name] = x
-            size += x.nbytes
-            total += x.nbytes  # HF's total_size counts tensor bytes, not file sizes
-            progress.update(progress.done + 1, f"{len(files)} files written")
-        flush()
-        progress.close()
-        weight_map = {}
-        for i, names in enumerate(shards):
-            new = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            os.rename(os.path.join(tmp, files[i]), os.path.join(tmp, new))
-            weight_map.update(dict.fromkeys(names, new))
-        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        _write_tensors(model, tmp, max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         if os.path.exists(path):
@@ -371,3 +380,40 @@ def save_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_hf {path}")
+
+
+def _write_tensors(model: MiMoV2Flash, tmp: str, max_shard_bytes: int) -> None:
+    """Every hub tensor of ``model`` into safetensors files under ``tmp``, plus their index."""
+    shards: list[list[str]] = []
+    files: list[str] = []
+    pending: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            fname = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(pending, os.path.join(tmp, fname), metadata={"format": "pt"})
+            files.append(fname)
+            shards.append(list(pending))
+            pending, size = {}, 0
+
+    progress = Progress("write tensor", len(hf_entries(model)), keep=False)
+    for name, x in _hf_tensors(model):
+        if pending and size + x.nbytes > max_shard_bytes:
+            flush()
+        pending[name] = x
+        size += x.nbytes
+        total += x.nbytes  # HF's total_size counts tensor bytes, not file sizes
+        progress.update(progress.done + 1, f"{len(files)} files written")
+    flush()
+    progress.close()
+    weight_map = {}
+    for i, names in enumerate(shards):
+        new = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.rename(os.path.join(tmp, files[i]), os.path.join(tmp, new))
+        weight_map.update(dict.fromkeys(names, new))
+    with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
