@@ -10,9 +10,17 @@ python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_t
 python main.py --mode=generate --workdir=runs/imported --chat --prompt='Hello'
 python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
 python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR
+python main.py --mode=generate --hf_dir=HF_DIR --config.mesh.shape=1,2,2,2 \
+    --config.mesh.rules=decode --chat --prompt='Hello'
+
+generate and import_hf run on a device mesh when the command line names one (--config, or any
+--config.mesh.* override): the model is loaded (load_hf) or restored straight into the rules'
+sharded layout; otherwise on the default device. generate reads the model and tokenizer from
+--hf_dir if given, else from --workdir.
 """
 
 import codecs
+import contextlib
 import os
 import shutil
 import sys
@@ -20,10 +28,12 @@ import sys
 import jax
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
+import mimo_jax
 import process_setup
-from mimo_jax import chat, checkpoint, data, hf, train
+from mimo_jax import chat, checkpoint, data, hf, sharding, train
 from mimo_jax.generate import generate
 
 PROG = "main.py"
@@ -35,7 +45,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: model config, checkpoints, metrics.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (import source / export target).")
+flags.DEFINE_string(
+    "hf_dir", None, "HF checkpoint directory (import and generate source, export target)."
+)
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Import: storage dtype override.")
 flags.DEFINE_bool("overwrite", False, "Export: replace an existing --hf_dir.")
 flags.DEFINE_string("prompt", "def ", "Generate: the prompt text.")
@@ -57,22 +69,29 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 with process_setup.exit_on_flag_error(PROG):  # without --config, the default loads here
     config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def import_hf(hf_dir: str, workdir: str, param_dtype: str | None = None) -> None:
-    """HF checkpoint -> workdir (model_config.json + orbax checkpoint at step 0)."""
+    """HF checkpoint -> workdir (model_config.json + orbax checkpoint at step 0).
+
+    Under a mesh (``_mesh_from_flags``) the model is loaded sharded and every process writes
+    its own shards; process 0 writes the config and tokenizer files.
+    """
     overrides = {} if param_dtype is None else {"param_dtype": param_dtype}
-    model = hf.load_hf(hf_dir, **overrides)
     ckpt = checkpoint.Checkpointer(workdir)
-    if ckpt.latest_step() is not None:
-        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir")
-    checkpoint.save_model_config(workdir, model.cfg)
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(hf_dir, name)):
-            shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
-    ckpt.save(0, model)
-    ckpt.close()
+    try:
+        if ckpt.latest_step() is not None:
+            raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir")
+        with _mesh_from_flags():
+            model = _load_hf(hf_dir, **overrides)
+            if jax.process_index() == 0:
+                checkpoint.save_model_config(workdir, model.cfg)
+                for name in TOKENIZER_FILES:
+                    if os.path.exists(os.path.join(hf_dir, name)):
+                        shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
+            ckpt.save(0, model)
+    finally:
+        ckpt.close()
     print(f"imported {hf_dir} -> {workdir}")
 
 
@@ -82,25 +101,74 @@ def export_hf(workdir: str, hf_dir: str, overwrite: bool = False) -> None:
     print(f"exported {workdir} -> {hf_dir}")
 
 
-def generate_text(workdir: str) -> str:
-    """Loads the workdir's model and tokenizer (its tokenizer.json if present, else bytes) and
-    prints a continuation of --prompt; with --chat, the reply to --prompt as one user message of
-    the workdir's chat template, stopping at the tokenizer's EOS."""
-    has_tokenizer = os.path.exists(os.path.join(workdir, TOKENIZER_FILES[0]))
-    tokenizer = data.load_tokenizer(workdir if has_tokenizer else None)
-    eos, shown = None, FLAGS.prompt
+def _mesh_from_flags():
+    """``sharding.use_mesh`` of the config's mesh and rules if the command line names a mesh
+    (``--config`` or a ``--config.mesh.*`` override), else a context that changes nothing."""
+    named = config_flags.get_override_values(FLAGS["config"])
+    if not (FLAGS["config"].present or any(k.startswith("mesh.") for k in named)):
+        return contextlib.nullcontext()
+    mesh = sharding.make_mesh(tuple(FLAGS.config.mesh.shape))
+    return sharding.use_mesh(mesh, FLAGS.config.mesh.rules)
+
+
+def _load_hf(hf_dir: str, **overrides) -> mimo_jax.MiMoV2Flash:
+    """``hf.load_hf`` (sharded under a current mesh), refusing a directory without config.json."""
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise FileNotFoundError(f"--hf_dir={hf_dir} has no config.json: not a HF checkpoint")
+    return hf.load_hf(hf_dir, **overrides)
+
+
+def _restore(workdir: str) -> mimo_jax.MiMoV2Flash:
+    """The workdir's latest checkpoint, restored into the current mesh's sharded layout (one
+    device without a mesh)."""
+    if jax.sharding.get_mesh().empty:
+        return checkpoint.load_model(workdir)
+    cfg = checkpoint.load_model_config(workdir)
+    model = nnx.eval_shape(lambda: mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    sharding.check_divisible(state, jax.sharding.get_mesh())
+    targets = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state,
+        sharding.state_shardings(model),
+    )
+    nnx.update(model, targets)
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        ckpt.restore(model)
+    finally:
+        ckpt.close()
+    return model
+
+
+def generate_text(workdir: str | None, hf_dir: str | None = None) -> str:
+    """Loads the model and tokenizer of ``hf_dir`` (a HF checkpoint) or else ``workdir`` (its
+    tokenizer.json if present, else bytes), on the mesh the flags name if any, and prints a
+    continuation of --prompt; with --chat, the reply to --prompt as one user message of the
+    directory's chat template. Generation stops at any of the directory's stop ids (the
+    tokenizer's EOS and generation_config.json's), else at the model config's EOS."""
+    directory = hf_dir or workdir
+    has_tokenizer = os.path.exists(os.path.join(directory, TOKENIZER_FILES[0]))
+    tokenizer = data.load_tokenizer(directory if has_tokenizer else None)
+    shown = FLAGS.prompt
     if FLAGS.chat:  # before the model loads: a directory without a template fails at once
-        template = chat.ChatTemplate.from_dir(workdir)
+        template = chat.ChatTemplate.from_dir(directory)
+        tokenizer = template.tokenizer
         ids = template.encode([{"role": "user", "content": FLAGS.prompt}])
-        # generate stops on one id: the tokenizer's eos_token (the template's end of turn).
-        eos = next(iter(template.tokenizer.stop_ids), None)
         shown = ""  # the reply only, not the template's markup
     else:
         ids = tokenizer.encode(FLAGS.prompt)
     if len(ids) == 0:
         raise ValueError("--prompt must not be empty")
-    model = checkpoint.load_model(workdir)
-    eos = model.cfg.eos_token_id if eos is None else eos
+    with _mesh_from_flags():
+        model = _load_hf(hf_dir) if hf_dir else _restore(workdir)
+        stops = getattr(tokenizer, "stop_ids", ()) or model.cfg.eos_token_id
+        return _stream_generation(model, tokenizer, ids, shown, stops)
+
+
+def _stream_generation(model, tokenizer, ids, shown: str, stops) -> str:
+    """Runs ``generate`` with the sampling flags, printing ``shown`` and then the new text as the
+    device loop commits it, and a summary line; returns the new text."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     started = []
 
@@ -119,7 +187,7 @@ def generate_text(workdir: str) -> str:
         top_k=FLAGS.top_k,
         top_p=FLAGS.top_p,
         num_draft_tokens=FLAGS.num_draft_tokens,
-        eos_token_id=eos,
+        eos_token_id=stops,
         seed=FLAGS.seed,
         stream=stream,
     )
@@ -152,6 +220,9 @@ def run(argv):
         raise ValueError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.mode in ("import_hf", "export_hf") and not FLAGS.hf_dir:
         raise ValueError(f"--mode={FLAGS.mode} needs --hf_dir")
+    if not FLAGS.workdir and not (FLAGS.mode == "generate" and FLAGS.hf_dir):
+        either = " or --hf_dir" if FLAGS.mode == "generate" else ""
+        raise ValueError(f"--mode={FLAGS.mode} needs --workdir{either}")
     if FLAGS.mode in ("train", "eval") and FLAGS.config.keep_freed_memory:
         process_setup.keep_freed_memory()  # before the backend starts its threads
     if FLAGS.distributed or FLAGS.coordinator_address:
@@ -169,7 +240,7 @@ def run(argv):
         metrics = train.eval_only(FLAGS.config, FLAGS.workdir)
         print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     elif FLAGS.mode == "generate":
-        generate_text(FLAGS.workdir)
+        generate_text(FLAGS.workdir, FLAGS.hf_dir)
     elif FLAGS.mode == "import_hf":
         import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.param_dtype)
     elif FLAGS.mode == "export_hf":

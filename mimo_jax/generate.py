@@ -19,7 +19,7 @@ step writes the same cache slots before any query reads them.
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -204,7 +204,7 @@ def prefill(
     max_new: int,
     sampling: Sampling,
     pad: int,
-    eos: int | None = None,
+    eos: tuple[int, ...] | None = None,
 ) -> DecodeState:
     """Fills the caches from right-padded prompts and picks the first new token.
 
@@ -217,7 +217,7 @@ def prefill(
       max_new: tokens to generate per row (sizes the token buffer and the global caches).
       sampling: how tokens are picked.
       pad: filler of the token buffer.
-      eos: the token that finishes a row, or None.
+      eos: the tokens that finish a row (any of them), or None.
 
     Returns:
       The state before the first step: ``base = lengths``, the first new token committed there.
@@ -255,7 +255,7 @@ def prefill(
         base=lengths,
         hidden=hid.astype(hidden.dtype),  # [B, d + 1, D]
         n_new=jnp.ones((b,), jnp.int32),
-        done=(first == eos) if eos is not None else jnp.zeros((b,), bool),
+        done=jnp.isin(first, jnp.asarray(eos)) if eos else jnp.zeros((b,), bool),
         key=key,
         steps=jnp.zeros((), jnp.int32),
         committed=jnp.zeros((), jnp.int32),
@@ -330,7 +330,7 @@ def accept(
     *,
     sampling: Sampling,
     max_new: int,
-    eos: int | None,
+    eos: tuple[int, ...] | None,
     stream: Callable | None = None,
 ) -> DecodeState:
     """Commits the longest accepted draft prefix plus one token of the main model (step 3).
@@ -348,8 +348,8 @@ def accept(
       hidden: [B, d + 1, D] from ``verify``.
       sampling: how tokens are picked.
       max_new: tokens to generate per row.
-      eos: the token that finishes a row, or None.
-      stream: optional host callback ``stream(tokens int32 [d + 1], count)`` for row 0.
+      eos: the tokens that finish a row (any of them), or None.
+      stream: optional host callback ``stream(tokens [d + 1], count, start index)``, row 0.
 
     Returns:
       The state after the step.
@@ -387,10 +387,10 @@ def accept(
     tokens = _write(s.tokens, s.base + 1, new)  # [B, S]
     if stream is not None:
         count = jnp.minimum(committed[0], max_new - s.n_new[0])
-        jax.debug.callback(stream, new[0], count, ordered=True)
+        jax.debug.callback(stream, new[0], count, s.n_new[0])
     done = s.done
-    if eos is not None:
-        hit = (new == eos) & (j <= n_acc[:, None])  # [B, d + 1]
+    if eos:
+        hit = jnp.isin(new, jnp.asarray(eos)) & (j <= n_acc[:, None])  # [B, d + 1]
         done = done | (active & jnp.any(hit, axis=-1))
     hid = s.hidden
     if d:
@@ -425,7 +425,7 @@ def _generate(
     s = prefill(model, ids, lengths, key, d=d, max_new=max_new, sampling=sampling, pad=pad, eos=eos)
     if stream is not None:  # row 0's tokens go to the host as soon as they are committed
         first = s.tokens[:1, lengths[0]]  # [1]
-        jax.debug.callback(stream, first, jnp.ones((), jnp.int32), ordered=True)
+        jax.debug.callback(stream, first, jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32))
     return decode_loop(model, s, d=d, sampling=sampling, max_new=max_new, eos=eos, stream=stream)
 
 
@@ -436,7 +436,7 @@ def step(
     d: int,
     sampling: Sampling,
     max_new: int,
-    eos: int | None,
+    eos: tuple[int, ...] | None,
     stream: Callable | None = None,
 ) -> DecodeState:
     """One loop step: ``draft``, ``verify``, ``accept`` (arguments as there)."""
@@ -458,7 +458,7 @@ def decode_loop(
     d: int,
     sampling: Sampling,
     max_new: int,
-    eos: int | None,
+    eos: tuple[int, ...] | None,
     stream: Callable | None = None,
 ) -> DecodeState:
     """Runs ``step`` on device until every row has ``max_new`` tokens or its EOS."""
@@ -469,18 +469,19 @@ def decode_loop(
 
 
 class _Stream:
-    """Host side of ``stream``: slices the fixed-size device buffer to its valid part.
-
-    Hashable by identity so it can be a static argument of the jitted loop.
-    """
+    """Host side of ``stream``: passes on the valid part of each fixed-size device buffer, in
+    order. The callbacks are unordered (a program on several devices cannot order them), so a
+    part that arrives early waits for those before it. Hashable by identity: a static argument."""
 
     def __init__(self, fn):
-        self.fn = fn
+        self.fn, self.next, self.held = fn, 0, {}
 
-    def __call__(self, tokens, count):
-        n = int(count)
-        if n > 0:
-            self.fn(np.asarray(tokens)[:n])
+    def __call__(self, tokens, count, start):
+        if int(count) > 0 and int(start) >= self.next:
+            self.held[int(start)] = np.asarray(tokens)[: int(count)]
+        while self.next in self.held:
+            self.fn(part := self.held.pop(self.next))
+            self.next += len(part)
 
 
 def generate(
@@ -492,7 +493,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     num_draft_tokens: int = 0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     prompt_lengths=None,
     padding_side: str = "right",
@@ -509,7 +510,7 @@ def generate(
       top_k: keep the k most likely tokens (0 = all).
       top_p: nucleus sampling mass (1 = all).
       num_draft_tokens: MTP draft tokens per step, 0..num_mtp_layers (0 = plain decoding).
-      eos_token_id: stop a row after this token.
+      eos_token_id: stop a row after this token (or after any of these tokens).
       pad_token_id: filler after each row's end.
       prompt_lengths: int [B] valid prompt tokens per row (default: all T).
       padding_side: "right" or "left": where the padding of shorter prompts is.
@@ -558,22 +559,21 @@ def generate(
             f"max_position_embeddings={cfg.max_position_embeddings}"
         )
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(
-            f"bad sampling args: temperature={temperature}, top_k={top_k}, top_p={top_p}"
-        )
+        raise ValueError(f"bad sampling args: {temperature=}, {top_k=}, {top_p=}")
+    eos = None if eos_token_id is None else tuple(int(i) for i in np.ravel(eos_token_id))
     s = _generate(
         model,
-        jnp.asarray(ids, jnp.int32),
-        jnp.asarray(lengths, jnp.int32),
+        *(jnp.asarray(x, jnp.int32) for x in (ids, lengths)),
         jax.random.key(seed),
         max_new=max_new_tokens,
         d=num_draft_tokens,
         sampling=Sampling(float(temperature), int(top_k), float(top_p)),
-        eos=eos_token_id,
+        eos=eos,
         pad=pad_token_id,
         stream=None if stream is None else _Stream(stream),
     )
-    return _finish(s, ids, lengths, max_new_tokens, num_draft_tokens, eos_token_id, pad_token_id)
+    jax.effects_barrier()  # every streamed part is out before generate returns
+    return _finish(s, ids, lengths, max_new_tokens, num_draft_tokens, eos, pad_token_id)
 
 
 def _finish(s: DecodeState, ids, lengths, max_new, d, eos, pad) -> GenerateResult:
@@ -585,7 +585,7 @@ def _finish(s: DecodeState, ids, lengths, max_new, d, eos, pad) -> GenerateResul
     out_len = np.zeros((b,), np.int32)
     for r in range(b):
         new = buf[r, lengths[r] : lengths[r] + n_new[r]]
-        if eos is not None and (hit := np.nonzero(new == eos)[0]).size:
+        if eos and (hit := np.nonzero(np.isin(new, eos))[0]).size:
             new = new[: hit[0] + 1]
         row = np.concatenate([ids[r, : lengths[r]], new])
         out[r, : len(row)] = row
