@@ -9,6 +9,7 @@ a user's run.
 
 import ml_collections
 
+import mimo_jax
 from configs import debug, tiny
 
 
@@ -84,3 +85,36 @@ def sharding(small: bool) -> ml_collections.ConfigDict:
     config.data.max_bytes = 200_000
     config.train.update(batch_size=8, seq_len=32, steps=3 if small else 20, warmup_steps=1)
     return config
+
+
+def checkpoint_on_a_mesh(small: bool) -> tuple[mimo_jax.ModelConfig, int]:
+    """``05_checkpoint_on_a_mesh``: the synthetic hub checkpoint's model and the reply length.
+
+    Args:
+      small: a 2-layer model with 8 experts (a few MB) and an 8-token reply; otherwise 6 layers
+        with 16 experts (about 50M parameters, 60 MB in FP8) and 24 tokens.
+
+    Returns:
+      (cfg, max_new_tokens). Every dim is divisible as the ``decode`` preset splits it on the
+      notebook's (1, 2, 2, 2) mesh; ``embed_dim`` is not a multiple of 128, so FP8 blocks are
+      ragged; the vocabulary holds the notebook's 400-token tokenizer.
+    """
+    common = dict(
+        num_mtp_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        swa_num_kv_heads=4,
+        head_dim=192,  # MiMo's head dims
+        v_head_dim=128,
+        vocab_size=512,
+        param_dtype="bfloat16",  # as the hub stores its non-FP8 tensors
+    )
+    if small:
+        cfg = mimo_jax.tiny(
+            num_layers=2, embed_dim=160, mlp_dim=256, moe_mlp_dim=128, num_experts=8, **common
+        )
+        return cfg, 8
+    cfg = mimo_jax.tiny(
+        num_layers=6, embed_dim=544, mlp_dim=1024, moe_mlp_dim=256, num_experts=16, **common
+    )
+    return cfg, 24

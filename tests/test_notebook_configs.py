@@ -134,3 +134,24 @@ def test_sharding(small):
     # The tp_ep picture names these parameters.
     paths = {lay.path for lay in layout.describe_shardings(model, mesh, "tp_ep")}
     assert {"layers.1.mlp.wi_gate", "layers.0.self_attn.q_proj.kernel"} <= paths
+
+
+@pytest.mark.parametrize("small", SIZES)
+def test_checkpoint_on_a_mesh(small):
+    cfg, max_new_tokens = sizes.checkpoint_on_a_mesh(small)
+    assert max_new_tokens > 0
+    assert cfg.vocab_size >= 400  # the notebook's tokenizer (synthetic_checkpoint.write_tokenizer)
+    assert cfg.embed_dim % 128  # ragged FP8 blocks
+    assert cfg.num_mtp_layers >= 1  # MTP tensors in the checkpoint
+    abstract = nnx.eval_shape(lambda: mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
+    assert jax.device_count() == 8  # the notebook fakes 8 CPU devices
+    mesh = sh.make_mesh((1, 2, 2, 2))
+    with sh.use_mesh(mesh, "decode"):
+        sh.check_divisible(nnx.state(abstract), mesh)  # what load_hf refuses
+    # The picture of one expert weight: split over the experts and the expert FFN.
+    wi = next(
+        lay
+        for lay in layout.describe_shardings(abstract, (1, 2, 2, 2), "decode")
+        if lay.path.endswith("mlp.wi_gate")
+    )
+    assert math.prod(wi.shape) == 8 * math.prod(wi.shard_shape)

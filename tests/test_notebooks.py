@@ -28,6 +28,7 @@ NOTEBOOKS = {
     "02_huggingface_conversion.ipynb": ["02_logit_diff"],
     "03_attention_kernels.ipynb": ["03_mask", "03_sink", "03_timing"],
     "04_sharding.ipynb": ["04_shardings", "04_memory"],
+    "05_checkpoint_on_a_mesh.ipynb": ["05_expert_shards"],
 }
 
 
