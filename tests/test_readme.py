@@ -79,6 +79,14 @@ COVERAGE = {
     "python main.py --mode=export_hf --workdir=runs/imported --hf_dir=OUT_DIR": ByTests(
         "test_cli.py::test_import_export_round_trip"
     ),
+    (
+        "python main.py --mode=generate --hf_dir=HF_DIR --config.mesh.shape=1,2,2,2 "
+        "--config.mesh.rules=decode --chat --prompt=Hello"
+    ): ByTests("test_cli_mesh.py::test_generate_from_hf_dir_on_mesh_equals_one_device"),
+    (
+        "python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported "
+        "--config.mesh.shape=1,2,2,2 --config.mesh.rules=decode"
+    ): ByTests("test_cli_mesh.py::test_import_hf_on_mesh_then_generate_from_workdir"),
     "python main.py --mode=generate --workdir=runs/imported --chat --prompt=Hello": ByTests(
         "test_cli.py::test_import_export_round_trip",
         "test_chat.py::test_render_and_ids_equal_transformers",
