@@ -119,6 +119,11 @@ def test_two_processes_read_their_halves_and_equal_one(tmp_path):
     assert sum(bytes0[n] for n in experts) == sum(bytes1[n] for n in experts) == expert_total // 2
     # ... and each well under what one process reads (only replicated tensors are read by both).
     total = sum(nbytes.values())
+    kib = lambda n: f"{n / 2**10:.0f} KiB"  # noqa: E731
+    print(
+        f"read: process 0 {kib(sum(bytes0.values()))}, process 1 {kib(sum(bytes1.values()))}, "
+        f"one process {kib(total)} (expert weights {kib(expert_total)})"
+    )
     for b in (bytes0, bytes1):
         assert sum(b.values()) < 0.6 * total, (sum(b.values()), total)
 
