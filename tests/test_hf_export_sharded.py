@@ -1,10 +1,15 @@
 """``save_hf`` of a model sharded over 8 fake CPU devices: one tensor gathered at a time.
 
 The sharded export must write the same files, byte for byte, as the export of the same weights
-on one device, and transformers must load it with the logits of our model.
+on one device, and transformers must load it with the logits of our model; so must the export
+of two ``jax.distributed`` processes whose arrays neither process can address whole.
 """
 
 import os
+import re
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +94,45 @@ def test_sharded_export_of_create_model(tmp_path):
         assert x.dtype == want[path].dtype and np.array_equal(x, want[path]), path
     hf.save_hf(single, tmp_path / "one", max_shard_bytes=SHARD)
     assert _files(str(tmp_path / "sharded")) == _files(str(tmp_path / "one"))
+
+
+# argv: coordinator address, process id, source checkpoint, output directory, max_shard_bytes.
+_CHILD = """
+import sys
+import jax
+coordinator, pid, src, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, process_id=pid)
+from mimo_jax import hf, sharding as sh
+with sh.use_mesh(sh.make_mesh((1, 2, 4, 1)), "fsdp_ep"):
+    model = hf.load_hf(src)
+    assert not model.lm_head.kernel.get_value().is_fully_addressable
+    hf.save_hf(model, out, max_shard_bytes=int(sys.argv[5]))
+"""
+
+
+def test_two_process_export_is_bit_exact(single_dir, tmp_path):
+    """Two processes with 4 fake CPU devices each, one 8-device mesh: process 0 writes the files
+    of the single-device export, byte for byte."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {xla}")  # fmt: skip
+    cmd = [sys.executable, "-c", _CHILD, f"localhost:{port}"]
+    rest = [single_dir, str(tmp_path / "two"), str(SHARD)]
+    logs = [open(tmp_path / f"process{pid}.log", "w+") for pid in range(2)]  # noqa: SIM115
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(pid), *rest], cwd=repo, env=env, stdout=logs[pid], stderr=subprocess.STDOUT
+        )
+        for pid in range(2)
+    ]
+    for p, log in zip(procs, logs, strict=True):
+        p.wait(timeout=300)
+        log.seek(0)
+        assert p.returncode == 0, log.read()[-3000:]
+        log.close()
+    assert _files(str(tmp_path / "two")) == _files(single_dir)
