@@ -96,9 +96,12 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str | None = None) -> None
 
 
 def export_hf(workdir: str, hf_dir: str, overwrite: bool = False) -> None:
-    """Workdir's latest checkpoint -> HF checkpoint directory."""
-    hf.save_hf(checkpoint.load_model(workdir), hf_dir, overwrite=overwrite)
-    print(f"exported {workdir} -> {hf_dir}")
+    """Workdir's latest checkpoint -> HF checkpoint directory; under a mesh named on the command
+    line the checkpoint is restored sharded and gathered one tensor at a time (``hf.save_hf``)."""
+    with _mesh_from_flags():
+        hf.save_hf(_restore(workdir), hf_dir, overwrite=overwrite)
+    if jax.process_index() == 0:
+        print(f"exported {workdir} -> {hf_dir}")
 
 
 def _mesh_from_flags():

@@ -66,6 +66,14 @@ def test_import_hf_on_mesh_then_generate_from_workdir(hf_dir, tmp_path):
     assert_states_equal(checkpoint.load_model(str(work)), hf.load_hf(str(hf_dir)))
     from_work = _ok(_main("--mode=generate", f"--workdir={work}", *GREEDY, *MESH))
     assert from_work == _ok(_main("--mode=generate", f"--hf_dir={hf_dir}", *GREEDY))
+    # export_hf on the mesh restores sharded and writes the files a single-device export writes.
+    _ok(_main("--mode=export_hf", f"--workdir={work}", f"--hf_dir={tmp_path / 'mesh'}", *MESH))
+    _ok(_main("--mode=export_hf", f"--workdir={work}", f"--hf_dir={tmp_path / 'one'}"))
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "mesh"))
+    for name in names:
+        a, b = (tmp_path / d / name for d in ("one", "mesh"))
+        assert a.read_bytes() == b.read_bytes(), name
 
 
 def test_mesh_and_directory_errors(hf_dir, tmp_path):
