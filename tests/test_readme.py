@@ -110,6 +110,9 @@ COVERAGE = {
         "ours, MTP speculative, 1 draft",
         replace=(("--workdir=runs/tiny", "--workdir={workdir}"),),
     ),
+    "python bench/convert.py": Run(
+        ("--quick", "--repeats=1", "--out={tmp}/convert.json"), "single"
+    ),
     "python bench/memory_plan.py": Run(
         (
             "--quick",
