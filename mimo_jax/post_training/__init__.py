@@ -1,0 +1,1 @@
+"""Post-training: verifiable tasks, SFT warm-up and RL losses (docs/post_training.md)."""
