@@ -127,7 +127,8 @@ class Task(abc.ABC):
         """``n`` RL prompts from the train split (with repeats), a pure function of ``seed``.
 
         Args:
-          seed: e.g. a pure function of (run seed, step), so a resumed run sees the same prompts.
+          seed: a non-negative int, e.g. a pure function of (run seed, step), so that a resumed
+            run sees the same prompts.
           n: number of prompts.
 
         Returns:
@@ -150,7 +151,7 @@ class Task(abc.ABC):
         """A synthetic warm-up set from the SFT split: correct responses, terminator included.
 
         Args:
-          seed: sampling seed.
+          seed: a non-negative int.
           n: number of examples (distinct prompts).
 
         Returns:
