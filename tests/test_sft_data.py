@@ -9,7 +9,13 @@ import pytest
 
 from mimo_jax.data import ByteTokenizer
 from mimo_jax.loss import cross_entropy
-from mimo_jax.post_training.sft_data import SFTDataset, end_token_id, mtp_targets, read_jsonl
+from mimo_jax.post_training.sft_data import (
+    SFTDataset,
+    end_token_id,
+    load_examples,
+    mtp_targets,
+    read_jsonl,
+)
 from mimo_jax.post_training.tasks import get_task
 
 TOK = ByteTokenizer()
@@ -157,6 +163,7 @@ def test_malformed_jsonl_names_file_line_and_field(tmp_path):
         {"prompt": "p", "response": "r"},
         {"prompt": "a", "response": "b", "domain": "m"},
     ]
+    assert load_examples(str(path), num_examples=1) == [{"prompt": "p", "response": "r"}]
     with pytest.raises(ValueError, match=r"rows\[1\]: missing field 'prompt'"):
         SFTDataset([{"prompt": "a", "response": "b"}, {"response": "b"}], TOK, 8, source="rows")
 
@@ -183,6 +190,7 @@ def test_truncation_keeps_the_response_and_its_end():
 def test_task_sft_examples():
     task = get_task("addition")
     rows = task.sft_examples(0, 16)
+    assert load_examples("task:addition", seed=0, num_examples=16) == rows
     ds = SFTDataset(rows, TOK, 32)
     assert len(ds) == 16 and ds.num_dropped == ds.num_truncated == 0
     assert set(ds.domains) == {task.name}

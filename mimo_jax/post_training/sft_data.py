@@ -1,9 +1,10 @@
 """SFT data: prompt/response examples tokenised into batches masked to the response tokens.
 
 Examples are ``{"prompt", "response", "domain"?}`` rows, read from JSONL (``read_jsonl``) or
-produced by a task's generator (``Task.sft_examples``); ``SFTDataset`` tokenises them with the
-run's tokenizer and ``SFTDataset.batch`` builds batches that are a pure function of (seed,
-step), like pre-training's ``data.get_batch``, so a resumed run sees the same batches.
+produced by a task's generator (``Task.sft_examples``), either through ``load_examples``.
+``SFTDataset`` tokenises them with the run's tokenizer and ``SFTDataset.batch`` builds batches
+that are a pure function of (seed, step), like pre-training's ``data.get_batch``, so a resumed
+run sees the same batches.
 
 * Tokens of an example: ``prompt ids + response ids + end``. The end token is the tokenizer's
   ``eos_id`` if it has one, else its end-of-text document separator (``doc_sep_id``). The byte
@@ -11,6 +12,9 @@ step), like pre-training's ``data.get_batch``, so a resumed run sees the same ba
   replies), so there the end is the terminator ``"\\n"`` (``tasks.TERMINATOR``, the byte at
   which the tasks' verifier and the rollouts stop): a response that already ends with it gets
   no second one. ``end_id=`` overrides the choice.
+  Prompt and response are tokenised separately, so the boundary between them is exact whatever
+  the tokenizer merges; a prompt is used as given (render it with ``chat.ChatTemplate`` and
+  ``add_generation_prompt=True`` first for a chat model).
 * Loss mask (docs/post_training.md, "SFT data"): the labels are the next tokens, and
   ``loss_mask`` is 1 exactly where the label is a response token or the end token, 0 where it is
   a prompt token, padding, or (packing) the first token of the next example.
@@ -37,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from mimo_jax.data import ByteTokenizer, Tokenizer
-from mimo_jax.post_training.tasks import TERMINATOR
+from mimo_jax.post_training.tasks import TERMINATOR, get_task
 
 _FIELDS = ("prompt", "response", "domain")
 
@@ -88,6 +92,28 @@ def read_jsonl(path: str) -> list[dict[str, str]]:
     if not rows:
         raise ValueError(f"{path}: no SFT examples")
     return rows
+
+
+def load_examples(source: str, *, seed: int = 0, num_examples: int = 0) -> list[dict[str, str]]:
+    """SFT examples from a JSONL file or, for ``"task:<name>"``, from that task's generator.
+
+    Args:
+      source: a JSONL path (``read_jsonl``) or ``"task:<name>"`` (``tasks.get_task``).
+      seed: the task generator's seed (ignored for JSONL).
+      num_examples: how many examples a task generates (> 0); for JSONL 0 keeps all of them,
+        else the first ``num_examples``.
+
+    Returns:
+      ``{"prompt", "response", "domain"?}`` rows.
+    """
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    if source.startswith("task:"):
+        if not num_examples:
+            raise ValueError(f"{source}: a task's SFT set needs num_examples > 0")
+        return get_task(source.removeprefix("task:")).sft_examples(seed, num_examples)
+    rows = read_jsonl(source)
+    return rows[:num_examples] if num_examples else rows
 
 
 def end_token_id(tokenizer: Tokenizer) -> int | None:
@@ -224,10 +250,8 @@ class SFTDataset:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0 or step < 0:
             raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={step}")
-        rows = self._packed_rows(batch_size, seed, step) if packing else self._padded_rows(
-            batch_size, seed, step
-        )  # fmt: skip
-        return self._assemble(rows)
+        pick = self._packed_rows if packing else self._padded_rows
+        return self._assemble(pick(batch_size, seed, step))
 
     def _padded_rows(self, b: int, seed: int, step: int) -> list[list[int]]:
         n = len(self.examples)
