@@ -41,7 +41,8 @@ from flax import nnx
 
 import mimo_jax
 from mimo_jax import checkpoint, data, train
-from mimo_jax.generate import Sampling, decode_loop, draft, generate, prefill, verify
+from mimo_jax.generate import decode_loop, draft, generate, prefill, verify
+from mimo_jax.sampling import Sampling
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,7 +6,8 @@ dim, F dense FFN dim, E experts, M expert FFN dim, V vocab, L layers, W window.
 """
 
 from mimo_jax.config import ModelConfig, mimo_v2_flash, tiny
-from mimo_jax.generate import GenerateResult, generate
+from mimo_jax.decode_output import GenerateResult
+from mimo_jax.generate import generate
 from mimo_jax.hf import load_hf, save_hf
 from mimo_jax.hf_config import config_from_hf, config_to_hf
 from mimo_jax.model import MiMoV2Flash, ModelOutput, layer_plan

@@ -17,7 +17,6 @@ keep every MTP cache entry a draft reads exact, and why rejected tokens need no 
 step writes the same cache slots before any query reads them.
 """
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -26,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mimo_jax.decode_output import GenerateResult, Stream, finish
 from mimo_jax.model import MiMoV2Flash
+from mimo_jax.sampling import Sampling, pick, probs, token_logprobs
 
 
 def max_new_per_step(num_draft_tokens: int) -> int:
@@ -37,19 +38,6 @@ def max_new_per_step(num_draft_tokens: int) -> int:
     step, or of a later one, still sees (docs/decoding.md).
     """
     return num_draft_tokens + 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How a token is picked from logits: greedy when ``temperature == 0``."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @struct.dataclass
@@ -70,6 +58,10 @@ class DecodeState:
       committed: int32 [] tokens committed by rows still active in their step, summed.
       accepted: int32 [max(d, 1)] per draft depth, active row-steps that accepted it.
       active_steps: int32 [] active row-steps.
+      logprobs: fp32 [B, S] or None: each committed token's log-probability at its position
+        (``token_logprobs``); scratch like ``tokens`` after ``base``.
+      routing: int32 [L, B, S, k] or None: the main model's expert ids at each position it has
+        run (prefill and verify; -1 on dense layers); positions after ``base`` are scratch.
     """
 
     tokens: jax.Array
@@ -83,6 +75,8 @@ class DecodeState:
     committed: jax.Array
     accepted: jax.Array
     active_steps: jax.Array
+    logprobs: jax.Array | None = None
+    routing: jax.Array | None = None
 
 
 @struct.dataclass
@@ -96,50 +90,6 @@ class Drafts:
 
     tokens: jax.Array
     probs: jax.Array | None
-
-
-@struct.dataclass
-class GenerateResult:
-    """What ``generate`` returns.
-
-    Attributes:
-      tokens: int32 [B, T + max_new_tokens]; row b holds its prompt, then its new tokens, then
-        padding (``pad_token_id``), right-aligned prompts first normalised to the left.
-      lengths: int32 [B] valid tokens per row (prompt + generated, up to and including EOS).
-      mean_accepted_length: [] mean tokens committed per verify step (1 without drafts).
-      acceptance_rate: [num_draft_tokens] fraction of steps in which draft k was accepted.
-      num_steps: [] loop steps taken.
-    """
-
-    tokens: jax.Array
-    lengths: jax.Array
-    mean_accepted_length: jax.Array
-    acceptance_rate: jax.Array
-    num_steps: jax.Array
-
-
-def _probs(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """Softmax of temperature-scaled logits restricted to top-k / nucleus top-p. [..., V]."""
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        srt = jnp.sort(logits, axis=-1)[..., ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        cutoff_idx = jnp.sum(cum < sampling.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(srt, cutoff_idx, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def _pick(logits: jax.Array, key: jax.Array | None, sampling: Sampling):
-    """(token int32 [B], probabilities [B, V] or None for greedy) from logits [B, V]."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-    p = _probs(logits, sampling)
-    return jax.random.categorical(key, jnp.log(p)).astype(jnp.int32), p
 
 
 def _leading_true(ok: jax.Array) -> jax.Array:
@@ -205,6 +155,8 @@ def prefill(
     sampling: Sampling,
     pad: int,
     eos: tuple[int, ...] | None = None,
+    logprobs: bool = False,
+    routing: bool = False,
 ) -> DecodeState:
     """Fills the caches from right-padded prompts and picks the first new token.
 
@@ -218,6 +170,8 @@ def prefill(
       sampling: how tokens are picked.
       pad: filler of the token buffer.
       eos: the tokens that finish a row (any of them), or None.
+      logprobs: record committed tokens' log-probabilities (``DecodeState.logprobs``).
+      routing: record the main model's routing (``DecodeState.routing``).
 
     Returns:
       The state before the first step: ``base = lengths``, the first new token committed there.
@@ -228,7 +182,7 @@ def prefill(
     # accept base + d + 1, and base < t + max_new - 1 while the row generates.
     max_len = t + max_new + d
     cache = model.init_cache(b, max_len, max_new_per_step(d))
-    hidden, cache = model.prefill(ids, lengths, cache)  # [B, T, D]
+    hidden, cache, route = model.prefill(ids, lengths, cache)  # [B, T, D], [L, B, T, k]
     # MTP depth k's entry i sits at position i + k + 1 and needs token i + k + 1 < length; the
     # first step writes the rest. Each depth runs only on the prompt's end (mtp_prefill_start).
     mtp = list(cache["mtp"][:d])
@@ -243,7 +197,8 @@ def prefill(
         )  # [B, n, D]
         prev = start
     key, sub = jax.random.split(key)
-    first, _ = _pick(model.logits(hidden[rows, lengths - 1]), sub, sampling)  # [B]
+    last = model.logits(hidden[rows, lengths - 1])  # [B, V]
+    first, _ = pick(last, sub, sampling)  # [B]
     tokens = jnp.full((b, max_len), pad, jnp.int32).at[:, :t].set(ids)
     tokens = tokens.at[rows, lengths].set(first)  # [B, S]
     # MTP depth 0's window before the first step: indices length - 1 - d .. length - 1.
@@ -261,6 +216,20 @@ def prefill(
         committed=jnp.zeros((), jnp.int32),
         accepted=jnp.zeros((max(d, 1),), jnp.int32),
         active_steps=jnp.zeros((), jnp.int32),
+        logprobs=(
+            jnp.zeros((b, max_len), jnp.float32)
+            .at[rows, lengths]
+            .set(token_logprobs(last, first, sampling))
+            if logprobs
+            else None
+        ),
+        routing=(
+            jnp.full((route.shape[0], b, max_len, route.shape[-1]), -1, jnp.int32)
+            .at[:, :, :t]
+            .set(route)
+            if routing
+            else None
+        ),
     )
 
 
@@ -295,7 +264,7 @@ def draft(
         sub = None
         if not sampling.greedy:  # greedy needs no randomness: no key splits in its loop
             key, sub = jax.random.split(key)
-        y, q = _pick(model.logits(h[:, -1]), sub, sampling)  # index base - 1: token base + k + 1
+        y, q = pick(model.logits(h[:, -1]), sub, sampling)  # index base - 1: token base + k + 1
         drafts.append(y[:, None])
         probs.append(q)
     tokens = jnp.concatenate([window[:, -1:], *drafts], axis=1)  # [B, d + 1]
@@ -314,12 +283,27 @@ def verify(
       drafts: from ``draft``.
 
     Returns:
-      The state with updated decoder caches, fp32 logits [B, d + 1, V] (row j predicts the
-      token at ``base + j + 1``), post-norm hidden states [B, d + 1, D].
+      The state with updated decoder caches (and routing at ``base .. base + d``: the next
+      steps overwrite what belongs to rejected drafts), fp32 logits [B, d + 1, V] (row j
+      predicts the token at ``base + j + 1``), post-norm hidden states [B, d + 1, D].
     """
-    positions = s.base[:, None] + jnp.arange(drafts.tokens.shape[1])  # [B, d + 1]
-    hidden, cache = model.extend(drafts.tokens, positions, s.cache)  # [B, d + 1, D]
-    return s.replace(cache=cache), model.logits(hidden), hidden
+    s, hidden = _extend(model, s, drafts.tokens)
+    return s, model.logits(hidden), hidden
+
+
+def _extend(model: MiMoV2Flash, s: DecodeState, tokens: jax.Array) -> tuple[DecodeState, jax.Array]:
+    """Runs the main model on ``tokens`` [B, n] at ``base ..``; records their routing if asked.
+
+    Returns:
+      The state with updated decoder caches and routing, post-norm hidden states [B, n, D].
+    """
+    positions = s.base[:, None] + jnp.arange(tokens.shape[1])  # [B, n]
+    hidden, cache, route = model.extend(tokens, positions, s.cache)  # [B, n, D], [L, B, n, k]
+    routing = s.routing
+    if routing is not None:
+        rows = jnp.arange(tokens.shape[0])[:, None]  # [B, 1]
+        routing = routing.at[:, rows, positions].set(route, mode="drop")
+    return s.replace(cache=cache, routing=routing), hidden
 
 
 def accept(
@@ -364,7 +348,7 @@ def accept(
         n_acc = _leading_true(y == z[:, :d])  # [B]
         new = z  # the accepted drafts equal z, so z[:, :n_acc + 1] are the committed tokens
     else:
-        p = _probs(logits, sampling)  # [B, d + 1, V]
+        p = probs(logits, sampling)  # [B, d + 1, V]
         key, sub = jax.random.split(key)
         keys = jax.random.split(sub, 2)
         if d:
@@ -385,6 +369,9 @@ def accept(
     committed = jnp.where(active, n_acc + 1, 0)  # [B]
     # Tokens past base + 1 + n_acc are scratch: the next step overwrites them.
     tokens = _write(s.tokens, s.base + 1, new)  # [B, S]
+    logprobs = s.logprobs
+    if logprobs is not None:  # the main model's, from the verify logits: exact under drafting
+        logprobs = _write(logprobs, s.base + 1, token_logprobs(logits, new, sampling))
     if stream is not None:
         count = jnp.minimum(committed[0], max_new - s.n_new[0])
         jax.debug.callback(stream, new[0], count, s.n_new[0])
@@ -413,20 +400,42 @@ def accept(
         committed=s.committed + jnp.sum(committed),
         accepted=accepted,
         active_steps=s.active_steps + jnp.sum(active).astype(jnp.int32),
+        logprobs=logprobs,
     )
 
 
 # The model goes in as a pytree (an NNX module is one): flattening it costs a fraction of what
 # ``nnx.split`` does, which matters next to a decoding step of a small model.
-@functools.partial(jax.jit, static_argnames=("max_new", "d", "sampling", "eos", "pad", "stream"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("max_new", "d", "sampling", "eos", "pad", "stream", "logprobs", "routing"),
+)
 def _generate(
-    model: MiMoV2Flash, ids, lengths, key, *, max_new, d, sampling, eos, pad, stream
+    model: MiMoV2Flash,
+    ids,
+    lengths,
+    key,
+    *,
+    max_new,
+    d,
+    sampling,
+    eos,
+    pad,
+    stream,
+    logprobs,
+    routing,
 ) -> DecodeState:
-    s = prefill(model, ids, lengths, key, d=d, max_new=max_new, sampling=sampling, pad=pad, eos=eos)
+    kw = dict(d=d, max_new=max_new, sampling=sampling, pad=pad, eos=eos)
+    s = prefill(model, ids, lengths, key, **kw, logprobs=logprobs, routing=routing)
     if stream is not None:  # row 0's tokens go to the host as soon as they are committed
         first = s.tokens[:1, lengths[0]]  # [1]
         jax.debug.callback(stream, first, jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32))
-    return decode_loop(model, s, d=d, sampling=sampling, max_new=max_new, eos=eos, stream=stream)
+    s = decode_loop(model, s, d=d, sampling=sampling, max_new=max_new, eos=eos, stream=stream)
+    if routing:
+        # Each row's newest token was drawn from the last verify but never fed to the main
+        # model: one single-token pass records its experts (its KV writes are never read).
+        s, _ = _extend(model, s, _read(s.tokens, s.base, 1))
+    return s
 
 
 def step(
@@ -468,22 +477,6 @@ def decode_loop(
     )
 
 
-class _Stream:
-    """Host side of ``stream``: passes on the valid part of each fixed-size device buffer, in
-    order. The callbacks are unordered (a program on several devices cannot order them), so a
-    part that arrives early waits for those before it. Hashable by identity: a static argument."""
-
-    def __init__(self, fn):
-        self.fn, self.next, self.held = fn, 0, {}
-
-    def __call__(self, tokens, count, start):
-        if int(count) > 0 and int(start) >= self.next:
-            self.held[int(start)] = np.asarray(tokens)[: int(count)]
-        while self.next in self.held:
-            self.fn(part := self.held.pop(self.next))
-            self.next += len(part)
-
-
 def generate(
     model: MiMoV2Flash,
     input_ids,
@@ -499,6 +492,8 @@ def generate(
     padding_side: str = "right",
     seed: int = 0,
     stream: Callable[[np.ndarray], None] | None = None,
+    return_logprobs: bool = False,
+    return_routing: bool = False,
 ) -> GenerateResult:
     """Generates continuations, optionally with MTP speculative decoding.
 
@@ -518,6 +513,13 @@ def generate(
       stream: optional ``stream(new_tokens)``, called from the device loop (in order) with row
         0's newly committed tokens (int32 [n]), including any EOS and nothing past
         ``max_new_tokens``.
+      return_logprobs: fill ``GenerateResult.logprobs``: each generated token's log-probability
+        under the distribution it was drawn from. Sampling: the temperature-scaled softmax
+        truncated to top-k / top-p and renormalised; greedy: the log-softmax of the raw logits
+        (temperature 1). With drafts it is still the main model's, from the verify pass.
+      return_routing: fill ``GenerateResult.routing`` (the main model's expert ids, prompt
+        included), recorded in the prefill and verify passes, plus one single-token pass at
+        the end for each row's newest token.
 
     Returns:
       GenerateResult.
@@ -570,31 +572,9 @@ def generate(
         sampling=Sampling(float(temperature), int(top_k), float(top_p)),
         eos=eos,
         pad=pad_token_id,
-        stream=None if stream is None else _Stream(stream),
+        stream=None if stream is None else Stream(stream),
+        logprobs=bool(return_logprobs),
+        routing=bool(return_routing),
     )
     jax.effects_barrier()  # every streamed part is out before generate returns
-    return _finish(s, ids, lengths, max_new_tokens, num_draft_tokens, eos, pad_token_id)
-
-
-def _finish(s: DecodeState, ids, lengths, max_new, d, eos, pad) -> GenerateResult:
-    """Crops each row to its prompt + generated tokens (through EOS) and computes statistics."""
-    b, t = ids.shape
-    buf = np.asarray(s.tokens)
-    n_new = np.minimum(np.asarray(s.n_new), max_new)
-    out = np.full((b, t + max_new), pad, np.int32)
-    out_len = np.zeros((b,), np.int32)
-    for r in range(b):
-        new = buf[r, lengths[r] : lengths[r] + n_new[r]]
-        if eos and (hit := np.nonzero(np.isin(new, eos))[0]).size:
-            new = new[: hit[0] + 1]
-        row = np.concatenate([ids[r, : lengths[r]], new])
-        out[r, : len(row)] = row
-        out_len[r] = len(row)
-    active = max(int(s.active_steps), 1)
-    return GenerateResult(
-        tokens=jnp.asarray(out),
-        lengths=jnp.asarray(out_len),
-        mean_accepted_length=jnp.asarray(float(s.committed) / active),
-        acceptance_rate=jnp.asarray(np.asarray(s.accepted)[:d] / active),
-        num_steps=s.steps,
-    )
+    return finish(s, ids, lengths, max_new_tokens, num_draft_tokens, eos, pad_token_id)

@@ -299,7 +299,7 @@ class MiMoV2Flash(nnx.Module):
 
     def prefill(
         self, input_ids: jax.Array, lengths: jax.Array, cache: dict
-    ) -> tuple[jax.Array, dict]:
+    ) -> tuple[jax.Array, dict, jax.Array]:
         """Runs right-padded prompts through the decoder and fills its caches.
 
         Args:
@@ -308,16 +308,18 @@ class MiMoV2Flash(nnx.Module):
           cache: caches from ``init_cache`` (the MTP caches pass through; see ``mtp_extend``).
 
         Returns:
-          post-norm hidden states [B, T, D] (the input of MTP depth 0), the updated caches.
+          post-norm hidden states [B, T, D] (the input of MTP depth 0), the updated caches, and
+          the routing int32 [L, B, T, k] (-1 on dense layers; unused outputs cost nothing in a
+          jit).
         """
         b, t = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        h, _, dec = self.decoder(self.embed_tokens(input_ids), positions, None, cache, lengths)
-        return self.norm(h), {**dec, "mtp": cache["mtp"]}
+        h, aux, dec = self.decoder(self.embed_tokens(input_ids), positions, None, cache, lengths)
+        return self.norm(h), {**dec, "mtp": cache["mtp"]}, aux["routing"]
 
     def extend(
         self, input_ids: jax.Array, positions: jax.Array, cache: dict
-    ) -> tuple[jax.Array, dict]:
+    ) -> tuple[jax.Array, dict, jax.Array]:
         """Appends tokens to the decoder caches and runs them (a decode or verify step).
 
         Args:
@@ -327,10 +329,11 @@ class MiMoV2Flash(nnx.Module):
           cache: caches from ``init_cache``, filled by ``prefill`` (the MTP caches pass through).
 
         Returns:
-          post-norm hidden states [B, T, D], the updated caches.
+          post-norm hidden states [B, T, D], the updated caches, the routing int32
+          [L, B, T, k] (-1 on dense layers).
         """
-        h, _, dec = self.decoder(self.embed_tokens(input_ids), positions, None, cache)
-        return self.norm(h), {**dec, "mtp": cache["mtp"]}
+        h, aux, dec = self.decoder(self.embed_tokens(input_ids), positions, None, cache)
+        return self.norm(h), {**dec, "mtp": cache["mtp"]}, aux["routing"]
 
     def mtp_extend(
         self,

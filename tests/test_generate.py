@@ -30,7 +30,6 @@ import mimo_jax
 from mimo_jax import train
 from mimo_jax.cache import KVCache
 from mimo_jax.generate import (
-    Sampling,
     draft,
     generate,
     max_new_per_step,
@@ -38,6 +37,7 @@ from mimo_jax.generate import (
     prefill,
 )
 from mimo_jax.model import cache_bytes
+from mimo_jax.sampling import Sampling
 
 WINDOW = 5
 MAX_NEW = 32
