@@ -29,14 +29,12 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-import ml_dtypes
 import numpy as np
 import torch
 from flax import nnx
@@ -53,8 +51,6 @@ TARGETS = {
     "4 hosts x 4 devices": ((1, 2, 4, 2), 4),  # mesh shape, devices per host
     "1 host x 8 devices": ((1, 1, 4, 2), 8),
 }
-_QUANTIZED = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$")
-E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 
 
 def synthetic_config(quick: bool) -> mimo_jax.ModelConfig:
@@ -76,20 +72,6 @@ def synthetic_config(quick: bool) -> mimo_jax.ModelConfig:
         v_head_dim=128,
         param_dtype="bfloat16",
     )
-
-
-def _quantize(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, C] float32 -> FP8 e4m3 [R, C] and its [ceil(R/128), ceil(C/128)] float32 scales."""
-    rows, cols = w.shape
-    br, bc = fp8.num_blocks(rows), fp8.num_blocks(cols)
-    padded = np.zeros((br * 128, bc * 128), np.float32)
-    padded[:rows, :cols] = w
-    blocks = padded.reshape(br, 128, bc, 128)
-    amax = np.abs(blocks).max(axis=(1, 3))  # [br, bc]
-    scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
-    q = (blocks / scale[:, None, :, None]).reshape(br * 128, bc * 128)[:rows, :cols]
-    q = np.ascontiguousarray(q).astype(ml_dtypes.float8_e4m3fn)
-    return torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn), torch.from_numpy(scale)
 
 
 def write_checkpoint(path: str, cfg: mimo_jax.ModelConfig, file_bytes: int = 96 << 20) -> int:
@@ -120,8 +102,10 @@ def write_checkpoint(path: str, cfg: mimo_jax.ModelConfig, file_bytes: int = 96 
         x = std * rng.standard_normal(entry.hf_shape, np.float32)
         if name.endswith("norm.weight"):
             x += 1.0
-        if _QUANTIZED.search(name):
-            q, scale = _quantize(x)
+        if fp8.RELEASE_FP8.search(name):
+            q, scale = fp8.quantize_fp8(x)
+            q = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+            scale = torch.from_numpy(scale)
             pending[name], pending[fp8.scale_name(name)] = q, scale
             size += q.nbytes + scale.nbytes
         else:
@@ -188,7 +172,7 @@ def measure(path: str, preset: str) -> dict:
 
 def _file_bytes_per_element(name: str) -> float:
     """Bytes per element in the hub files: FP8 + a float32 scale per 128x128 block, or bf16."""
-    return 1 + 4 / 128**2 if _QUANTIZED.search(name) else 2
+    return 1 + 4 / 128**2 if fp8.RELEASE_FP8.search(name) else 2
 
 
 def host_plan(cfg: mimo_jax.ModelConfig, mesh: tuple, preset: str, per_host: int) -> dict:

@@ -15,10 +15,16 @@ two layouts (docs/hf_conversion.md):
 """
 
 import dataclasses
+import re
 
+import ml_dtypes
 import numpy as np
 
 FP8_BLOCK = 128
+E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+# The hub weights the release stores in FP8; embeddings, norms, router, o_proj and lm_head stay
+# bf16 (MTP o_proj included, although ``ignored_layers`` omits it).
+RELEASE_FP8 = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$")
 
 
 def scale_name(name: str) -> str:
@@ -145,3 +151,27 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: int = FP8_B
             f"in {block}x{block} blocks; expected {want}"
         )
     return dequantize_rows(weight, scale_inv, np.arange(rows) // block, block)
+
+
+def quantize_fp8(w: np.ndarray, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Plain-block FP8 quantization, the inverse of ``dequantize_fp8`` up to e4m3 rounding.
+
+    Each ``block`` x ``block`` block is scaled so that its largest magnitude maps to the e4m3
+    maximum (448), as DeepSeek-V3-style checkpoints are written; an all-zero block gets scale 1.
+
+    Args:
+      w: [R, C] float32.
+      block: block edge.
+
+    Returns:
+      (q [R, C] float8_e4m3fn, scale_inv [ceil(R / block), ceil(C / block)] float32).
+    """
+    rows, cols = w.shape
+    br, bc = num_blocks(rows, block), num_blocks(cols, block)
+    padded = np.zeros((br * block, bc * block), np.float32)
+    padded[:rows, :cols] = w
+    blocks = padded.reshape(br, block, bc, block)
+    amax = np.abs(blocks).max(axis=(1, 3))  # [br, bc]
+    scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
+    q = (blocks / scale[:, None, :, None]).reshape(br * block, bc * block)[:rows, :cols]
+    return np.ascontiguousarray(q).astype(ml_dtypes.float8_e4m3fn), scale

@@ -10,11 +10,9 @@ layout with ChatML special tokens and a chat template in ``tokenizer_config.json
 
 import json
 import os
-import re
 import shutil
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import tokenizers
 from flax import nnx
@@ -24,8 +22,6 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 import mimo_jax
 from mimo_jax import fp8, hf, hf_slices
 
-QUANTIZED = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$")
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -66,28 +62,6 @@ def random_model(cfg: mimo_jax.ModelConfig, seed: int = 0) -> mimo_jax.MiMoV2Fla
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FP8 e4m3 quantization in 128 x 128 blocks, each scaled so its largest entry maps to 448.
-
-    Args:
-      w: [R, C] float32.
-
-    Returns:
-      ([R, C] float8_e4m3fn, [ceil(R / 128), ceil(C / 128)] float32 ``weight_scale_inv``):
-      ``w`` is about ``q * scale_inv`` of its block.
-    """
-    b = fp8.FP8_BLOCK
-    rows, cols = w.shape
-    scale = np.ones((fp8.num_blocks(rows), fp8.num_blocks(cols)), np.float32)
-    q = np.empty(w.shape, ml_dtypes.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            block = w[i * b : (i + 1) * b, j * b : (j + 1) * b]
-            scale[i, j] = max(float(np.abs(block).max()), 1e-12) / FP8_MAX
-            q[i * b : (i + 1) * b, j * b : (j + 1) * b] = block / scale[i, j]
-    return q, scale
-
-
 def write_checkpoint(cfg: mimo_jax.ModelConfig, path: str, seed: int = 0, num_files: int = 4):
     """Writes the hub-format checkpoint of a random ``cfg`` model into a new directory ``path``.
 
@@ -108,8 +82,8 @@ def write_checkpoint(cfg: mimo_jax.ModelConfig, path: str, seed: int = 0, num_fi
         part = {}
         for name in names[i::num_files]:
             x = source.read_box(name, (slice(None),) * len(source.shape(name)))
-            if QUANTIZED.search(name):
-                part[name], part[fp8.scale_name(name)] = quantize_blocks(x.astype(np.float32))
+            if fp8.RELEASE_FP8.search(name):
+                part[name], part[fp8.scale_name(name)] = fp8.quantize_fp8(x.astype(np.float32))
             else:
                 part[name] = x
         save_file(part, os.path.join(path, fname), metadata={"format": "pt"})

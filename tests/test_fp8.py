@@ -2,8 +2,6 @@
 K|V layout of the full-attention k_proj / v_proj (docs/hf_conversion.md), read by hand, at the
 release's real dims, and through ``load_hf`` on a tiny hub-format checkpoint. CPU, numpy."""
 
-import re
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -98,6 +96,26 @@ def test_dequantize_fp8_by_hand():
         fp8.dequantize_fp8(w, s[:1])
 
 
+def test_quantize_fp8_matches_this_test_and_round_trips():
+    # The library's quantizer (bench and notebook checkpoints use it) against this test's own,
+    # on a shape with ragged blocks, an all-zero block and blocks of very different magnitude.
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 200)).astype(np.float32) * np.float32(2.0) ** rng.integers(
+        -6, 6, size=(300, 1)
+    )
+    w[:128, :128] = 0.0
+    q, scale = fp8.quantize_fp8(w)
+    want_q, want_scale, deq, amax = quantize_blocks(w)
+    assert q.dtype == ml_dtypes.float8_e4m3fn and scale.dtype == np.float32
+    np.testing.assert_array_equal(scale, want_scale)
+    np.testing.assert_array_equal(q.view(np.uint8), want_q.view(np.uint8))
+    np.testing.assert_array_equal(fp8.dequantize_fp8(q, scale), deq)
+    assert not deq[:128, :128].any()  # the all-zero block stays zero
+    live = amax > 0
+    # e4m3 rounds to within 16 / 448 of the block max
+    assert block_error(deq[live], w[live], amax[live]) <= 0.036
+
+
 def test_fused_rows_of_the_release():
     """Per KV head h (of 4): K rows [192h, 192h+128) -> k_scale[2h]; K rows [192h+128, 192h+192)
     and V rows [128h, 128h+64) -> k_scale[2h+1]; V rows [128h+64, 128h+128) -> v_scale[h]."""
@@ -152,7 +170,6 @@ def test_release_kv_layer_dequantizes_within_fp8_rounding():
 # ---------------------------------------------------------------------------------------------
 # 2. Through load_hf: a tiny hub-format checkpoint whose full-attention k/v use the fused layout.
 
-_QUANTIZED = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$")
 FULL_K, FULL_V = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
 
 
@@ -194,7 +211,7 @@ def hub_fp8(tmp_path_factory):
     }
     source = {n: t.float().numpy() for n, t in tensors.items()}
     quantized, deq = dict(tensors), dict(tensors)
-    for name in [n for n in source if _QUANTIZED.search(n) and n not in (FULL_K, FULL_V)]:
+    for name in [n for n in source if fp8.RELEASE_FP8.search(n) and n not in (FULL_K, FULL_V)]:
         q, s, w, amax = quantize_blocks(source[name])
         assert block_error(w, source[name], amax) <= FP8_REL, name
         quantized[name], quantized[fp8.scale_name(name)] = _torch_fp8(q), torch.from_numpy(s)

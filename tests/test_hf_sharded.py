@@ -43,7 +43,6 @@ CFG = mimo_jax.tiny(
     param_dtype="bfloat16",
 )
 MESH = (1, 2, 2, 2)
-_QUANTIZED = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$")
 FULL_K, FULL_V = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
 EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 
@@ -73,7 +72,7 @@ def make_hub(root, cfg) -> str:
     hf.save_hf(random_model(cfg, seed=5), root / "bf16")
     tensors, config = read_dir(root / "bf16"), read_config(root / "bf16")
     source = {n: t.float().numpy() for n, t in tensors.items()}
-    for name in [n for n in source if _QUANTIZED.search(n) and n not in (FULL_K, FULL_V)]:
+    for name in [n for n in source if fp8.RELEASE_FP8.search(n) and n not in (FULL_K, FULL_V)]:
         q, s, _, _ = quantize_blocks(source[name])
         tensors[name], tensors[fp8.scale_name(name)] = _torch_fp8(q), torch.from_numpy(s)
     fused = quantize_fused_kv(source[FULL_K], source[FULL_V], num_heads=cfg.num_kv_heads)
