@@ -6,14 +6,11 @@ of two ``jax.distributed`` processes whose arrays neither process can address wh
 """
 
 import os
-import re
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import process_testing
 import pytest
 import torch
 from flax import nnx
@@ -113,22 +110,12 @@ with sh.use_mesh(sh.make_mesh((1, 2, 4, 1)), "fsdp_ep"):
 def test_two_process_export_is_bit_exact(single_dir, tmp_path):
     """Two processes with 4 fake CPU devices each, one 8-device mesh: process 0 writes the files
     of the single-device export, byte for byte."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))  # fmt: skip
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {xla}")  # fmt: skip
-    cmd = [sys.executable, "-c", _CHILD, f"localhost:{port}"]
+    port = process_testing.free_port()
+    argv = ["-c", _CHILD, f"localhost:{port}"]
     rest = [single_dir, str(tmp_path / "two"), str(SHARD)]
     logs = [open(tmp_path / f"process{pid}.log", "w+") for pid in range(2)]  # noqa: SIM115
     procs = [
-        subprocess.Popen(
-            [*cmd, str(pid), *rest], cwd=repo, env=env, stdout=logs[pid], stderr=subprocess.STDOUT
-        )
-        for pid in range(2)
+        process_testing.launch(4, [*argv, str(pid), *rest], stdout=logs[pid]) for pid in range(2)
     ]
     for p, log in zip(procs, logs, strict=True):
         p.wait(timeout=300)

@@ -9,13 +9,10 @@ logits of one forward pass; the two halves together must be the single process, 
 """
 
 import json
-import os
-import re
-import socket
 import subprocess
-import sys
 
 import numpy as np
+import process_testing
 from test_hf_sharded import CFG, EXPERT, make_hub
 
 from mimo_jax import hf_slices
@@ -58,25 +55,8 @@ np.save(out + ".npy", np.asarray(logits))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _launch(devices: int, *args) -> subprocess.Popen:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # The suite's compile-speed flags (tests/conftest.py), with this process's device count.
-    xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))  # fmt: skip
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla}",
-    )
-    cmd = [sys.executable, "-c", _CHILD, *map(str, args)]
-    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return process_testing.launch(devices, ["-c", _CHILD, *map(str, args)])
 
 
 def _result(prefix) -> tuple[dict, dict[str, int], dict[str, set], np.ndarray]:
@@ -92,7 +72,7 @@ def _result(prefix) -> tuple[dict, dict[str, int], dict[str, set], np.ndarray]:
 
 def test_two_processes_read_their_halves_and_equal_one(tmp_path):
     path = make_hub(tmp_path, CFG)
-    port = _free_port()
+    port = process_testing.free_port()
     procs = [_launch(4, path, tmp_path / f"p{i}", f"localhost:{port}", i) for i in range(2)]
     procs.append(_launch(8, path, tmp_path / "single", "", 0))
     for p in procs:

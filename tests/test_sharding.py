@@ -7,14 +7,11 @@ computation on one device: fp32, 1e-5.
 import dataclasses
 import json
 import os
-import re
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import process_testing
 import pytest
 from flax import nnx
 
@@ -362,12 +359,6 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
 # Multi-process.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _metrics(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -376,26 +367,15 @@ def _metrics(workdir) -> list[dict]:
 def test_two_process_training_equals_one_process(tmp_path):
     """``main.py`` under ``jax.distributed`` (2 processes x 2 CPU devices, localhost
     coordinator) trains, evaluates and samples like one process with 4 devices."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     flags = ["--config=configs/debug.py", "--config.train.steps=3", "--config.train.log_every=1",
              "--config.train.eval_every=3", "--config.train.eval_batches=1",
              "--config.train.batch_size=4", "--config.train.seq_len=32",
              "--config.train.sample_len=4", "--config.data.max_bytes=200000",
              "--config.mesh.shape=(1,2,2,1)", "--config.mesh.rules=fsdp_ep"]  # fmt: skip
-    port = _free_port()
+    port = process_testing.free_port()
 
     def launch(devices, workdir, *extra):
-        # The suite's compile-speed flags (tests/conftest.py), with this process's device count.
-        xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                     os.environ.get("XLA_FLAGS", ""))  # fmt: skip
-        env = dict(
-            os.environ,
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla}",
-        )
-        cmd = [sys.executable, "main.py", *flags, f"--workdir={workdir}", *extra]
-        return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return process_testing.launch(devices, ["main.py", *flags, f"--workdir={workdir}", *extra])
 
     multi = [launch(2, tmp_path / "multi", f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}") for i in range(2)]  # fmt: skip
