@@ -111,31 +111,54 @@ def update_expert_bias(model: MiMoV2Flash, expert_load: jax.Array, rate: float) 
 # Steps.
 
 
-def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict, shardings=None):
-    """A jitted ``(state, tokens [A, B, T + 1]) -> (state, metrics)`` over A accumulation steps.
-
-    Args:
-      graphdef: graph definition of ``(model, optimizer)``.
-      cfg: model config.
-      tc: ``config.train``.
-      shardings: optional NamedShardings of the ``(model, optimizer)`` state (from
-        ``sharding.state_shardings``, under ``use_mesh``): the state keeps exactly this layout
-        from step to step and the batch is sharded along its batch dim.
-    """
-    schedule = learning_rate_schedule(tc)
+def _pretraining_loss(cfg: ModelConfig, tc: ml_collections.ConfigDict) -> Callable:
+    """The default ``loss_fn`` of ``make_train_step``: ``model_loss`` on tokens [B, T + 1]."""
 
     def loss_fn(model, tokens):
         loss, metrics, out = model_loss(
             model, tokens, mtp_weight=tc.mtp_loss_weight, aux_weight=tc.aux_loss_weight,
             chunk=tc.loss_chunk,
         )  # fmt: skip
-        # Share of expert assignments an expert_parallel capacity dropped, mean over MoE layers.
-        n_moe = max(1, sum(k == SPARSE for k in cfg.mlp_layer_types))
-        metrics["dropped_fraction"] = jnp.sum(out.aux["dropped_fraction"]) / n_moe
+        metrics["dropped_fraction"] = mean_dropped_fraction(cfg, out.aux)
         metrics["loss"] = loss  # the optimised total: ce + MTP and balance terms
         return loss, (metrics, out.aux["expert_load"])
 
-    def step(state, tokens):
+    return loss_fn
+
+
+def mean_dropped_fraction(cfg: ModelConfig, aux: dict[str, jax.Array]) -> jax.Array:
+    """Share of expert assignments an expert_parallel capacity dropped, mean over MoE layers."""
+    n_moe = max(1, sum(k == SPARSE for k in cfg.mlp_layer_types))
+    return jnp.sum(aux["dropped_fraction"]) / n_moe
+
+
+def make_train_step(
+    graphdef,
+    cfg: ModelConfig,
+    tc: ml_collections.ConfigDict,
+    shardings=None,
+    loss_fn: Callable | None = None,
+):
+    """A jitted ``(state, batch) -> (state, metrics)`` over A accumulation steps.
+
+    Args:
+      graphdef: graph definition of ``(model, optimizer)``.
+      cfg: model config.
+      tc: optimizer and balancing fields (``config.train``, or ``config.rl``): the schedule's,
+        ``bias_update_rate`` and, for the default loss, ``mtp_loss_weight``,
+        ``aux_loss_weight`` and ``loss_chunk``.
+      shardings: optional NamedShardings of the ``(model, optimizer)`` state (from
+        ``sharding.state_shardings``, under ``use_mesh``): the state keeps exactly this layout
+        from step to step. The batch keeps the sharding it comes with (``sharding.put_batch``
+        along its batch dim, 1).
+      loss_fn: ``loss_fn(model, micro_batch) -> (loss, (metrics, expert_load [L, E]))``; by
+        default the pre-training loss of tokens ``[A, B, T + 1]``. The batch is any pytree
+        whose leaves are ``[A, ...]``; each accumulation step gets one slice.
+    """
+    schedule = learning_rate_schedule(tc)
+    loss_fn = loss_fn or _pretraining_loss(cfg, tc)
+
+    def step(state, batch):
         model, opt = nnx.merge(graphdef, state)
         # Gradients of a pure function of the params: NNX objects must not cross into the scan.
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
@@ -149,10 +172,11 @@ def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict, s
             (_, (metrics, load)), grads = grad_fn(params, batch)
             return jax.tree.map(jnp.add, carry, (grads, metrics, load)), None
 
-        (_, (metrics0, load0)), grads0 = jax.eval_shape(grad_fn, params, tokens[0])
+        first = jax.tree.map(lambda x: x[0], batch)
+        (_, (metrics0, load0)), grads0 = jax.eval_shape(grad_fn, params, first)
         zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads0, metrics0, load0))
-        (grads, metrics, load), _ = jax.lax.scan(micro, zero, tokens)
-        n = tokens.shape[0]
+        (grads, metrics, load), _ = jax.lax.scan(micro, zero, batch)
+        n = jax.tree.leaves(batch)[0].shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = jax.tree.map(lambda m: m / n, metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -169,9 +193,8 @@ def make_train_step(graphdef, cfg: ModelConfig, tc: ml_collections.ConfigDict, s
 
     if shardings is None:
         return jax.jit(step, donate_argnums=0)
-    batch = sh.batch_sharding(3, batch_dim=1)
     return jax.jit(
-        step, donate_argnums=0, in_shardings=(shardings, batch), out_shardings=(shardings, None)
+        step, donate_argnums=0, in_shardings=(shardings, None), out_shardings=(shardings, None)
     )
 
 
