@@ -22,6 +22,9 @@ from mimo_jax.model import MiMoV2Flash
 from mimo_jax.post_training import tasks
 
 ROLLOUT_DTYPES = ("policy", "float32", "bfloat16")
+# Prompt width of the tasks' rollouts: their prompts are under 32 bytes (``tasks``), so under 32
+# tokens for any tokenizer; one width keeps every rollout batch one compiled shape.
+PROMPT_LEN = 32
 
 
 def rollout_model(policy: MiMoV2Flash, dtype: str) -> MiMoV2Flash:
