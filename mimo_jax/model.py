@@ -37,9 +37,10 @@ class ModelOutput:
         when called with ``logits=False``).
       hidden: [B, T, D] post-norm hidden states (the input of MTP depth 0).
       mtp_hidden: one [B, T, D] per MTP depth (post ``final_layernorm``).
-      aux: ``expert_load`` [L, E], ``routing`` int32 [L, B, T, k] (-1 on dense layers),
-        ``seq_aux_loss`` [L] (0 on dense layers), ``dropped_fraction`` [L] (expert_parallel
-        with a capacity factor; else 0).
+      aux: ``expert_load`` [L, E], ``routing`` int32 [L, B, T, k] (the experts used; -1 on dense
+        layers), ``router_choice`` int32 [L, B, T, k] (the router's own top-k, equal to
+        ``routing`` unless replaying; -1 on dense layers), ``seq_aux_loss`` [L] (0 on dense
+        layers), ``dropped_fraction`` [L] (expert_parallel with a capacity factor; else 0).
     """
 
     logits: jax.Array | None
@@ -140,6 +141,7 @@ class DecoderLayer(nnx.Module):
             aux = {
                 "expert_load": jnp.zeros((self.cfg.num_experts,), jnp.float32),
                 "routing": jnp.full((b, t, self.cfg.num_experts_per_tok), -1, jnp.int32),
+                "router_choice": jnp.full((b, t, self.cfg.num_experts_per_tok), -1, jnp.int32),
                 "seq_aux_loss": jnp.zeros((), jnp.float32),
                 "dropped_fraction": jnp.zeros((), jnp.float32),
             }
@@ -378,7 +380,9 @@ class MiMoV2Flash(nnx.Module):
         Args:
           input_ids: int [B, T] token ids.
           positions: optional int [B, T]; defaults to arange(T) per row.
-          routing: optional int [L, B, T, k] expert ids to replay instead of routing.
+          routing: optional int [L, B, T, k] expert ids to replay instead of routing (rows of
+            dense layers ignored; a token with an id < 0 in a MoE layer's row uses that layer's
+            own choice there, so ``generate``'s recorded routing replays as is).
           mtp: also run the MTP chain (``out.mtp_logits``; empty when False).
           logits: project to the vocabulary; False returns only the hidden states (a chunked
             loss then applies ``self.logits`` piecewise, see ``loss.chunked_cross_entropy``).

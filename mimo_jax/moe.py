@@ -57,32 +57,54 @@ class Router(nnx.Module):
     def __call__(
         self, x: jax.Array, routing: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Routes tokens.
+        """Routes tokens (``route`` without the router's own choice).
 
         Args:
           x: [T, D] tokens (any leading shape flattened by the caller).
-          routing: optional int [T, k] expert ids to use instead of the router's choice
-            (routing replay); gate weights still come from this router's scores.
+          routing: optional int [T, k] expert ids to replay (see ``route``).
 
         Returns:
           weights [T, k] fp32, expert ids int32 [T, k], scores [T, E] fp32 (unbiased sigmoid).
+        """
+        return self.route(x, routing)[:3]
+
+    def route(
+        self, x: jax.Array, routing: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Routes tokens, replaying recorded expert ids where given.
+
+        Replay (Rollout Routing Replay): token t uses ``routing[t]`` instead of the router's
+        choice, and its gate weights still come from this router's scores at those ids, so the
+        router keeps its gradient. A token with any id < 0 (-1: not recorded, e.g. padding of a
+        rollout) uses the router's own top-k for all k slots; negative ids never index experts.
+
+        Args:
+          x: [T, D] tokens (any leading shape flattened by the caller).
+          routing: optional int [T, k] expert ids to replay.
+
+        Returns:
+          weights [T, k] fp32, expert ids used int32 [T, k], scores [T, E] fp32 (unbiased
+          sigmoid), and the router's own choice int32 [T, k] (bias and group limit applied; the
+          ids used when nothing is replayed).
         """
         cfg = self.cfg
         logits = jnp.dot(
             x.astype(jnp.float32), self.kernel[...], precision=jax.lax.Precision.HIGHEST
         )  # [T, E]
         scores = jax.nn.sigmoid(logits)
+        choice = scores + jax.lax.stop_gradient(self.bias[...])  # [T, E]
+        choice = jax.lax.stop_gradient(_group_limit(choice, cfg))
+        own = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1].astype(jnp.int32)  # [T, k]
         if routing is None:
-            choice = scores + jax.lax.stop_gradient(self.bias[...])  # [T, E]
-            choice = jax.lax.stop_gradient(_group_limit(choice, cfg))
-            _, idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)  # [T, k]
+            idx = own
         else:
-            idx = routing
-        idx = idx.astype(jnp.int32)
+            routing = routing.astype(jnp.int32)
+            unrecorded = jnp.any(routing < 0, axis=-1, keepdims=True)  # [T, 1]
+            idx = jnp.where(unrecorded, own, routing)
         weights = jnp.take_along_axis(scores, idx, axis=-1)  # [T, k]
         if cfg.norm_topk_prob:
             weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, idx, scores
+        return weights * cfg.routed_scaling_factor, idx, scores, own
 
 
 def _group_limit(choice: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -130,19 +152,23 @@ class MoE(nnx.Module):
 
         Args:
           x: [B, T, D].
-          routing: optional int [B, T, k] expert ids to replay.
+          routing: optional int [B, T, k] expert ids to replay; a token with an id < 0 uses
+            the router's own choice (``Router.route``).
 
         Returns:
           y [B, T, D] and aux: ``expert_load`` [E] (assignments per expert), ``routing``
-          int32 [B, T, k], ``seq_aux_loss`` [] (DeepSeek-V3 sequence-wise balance loss, unweighted),
-          ``dropped_fraction`` [] (assignments dropped by an expert_parallel capacity, else 0).
+          int32 [B, T, k] (the ids used), ``router_choice`` int32 [B, T, k] (the router's own
+          top-k, equal to ``routing`` unless replaying), ``seq_aux_loss`` [] (DeepSeek-V3
+          sequence-wise balance loss, unweighted), ``dropped_fraction`` [] (assignments dropped
+          by an expert_parallel capacity, else 0).
         """
         cfg = self.cfg
         b, t, d = x.shape
         k = cfg.num_experts_per_tok
         flat = x.reshape(b * t, d)  # [BT, D]
         replay = None if routing is None else routing.reshape(b * t, k)
-        weights, idx, scores = self.router(flat, replay)  # [BT, k], [BT, k], [BT, E]
+        # [BT, k] gate weights, ids used; [BT, E] scores; [BT, k] the router's own ids
+        weights, idx, scores, own = self.router.route(flat, replay)
         dtype = jnp.dtype(cfg.dtype)
         dropped = jnp.zeros((), jnp.float32)
         if cfg.moe_impl == "dense":
@@ -162,6 +188,7 @@ class MoE(nnx.Module):
         aux = {
             "dropped_fraction": dropped,
             "expert_load": jnp.zeros((cfg.num_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0),
+            "router_choice": own.reshape(b, t, k),
             "routing": idx.reshape(b, t, k),
             "seq_aux_loss": _sequence_aux_loss(scores.reshape(b, t, -1), idx.reshape(b, t, k), cfg),
         }
