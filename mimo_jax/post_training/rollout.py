@@ -22,9 +22,12 @@ from mimo_jax.model import MiMoV2Flash
 from mimo_jax.post_training import tasks
 
 ROLLOUT_DTYPES = ("policy", "float32", "bfloat16")
-# Prompt width of the tasks' rollouts: their prompts are under 32 bytes (``tasks``), so under 32
-# tokens for any tokenizer; one width keeps every rollout batch one compiled shape.
+# The longest prompt of the tasks' rollouts: their prompts are under 32 bytes (``tasks``), so
+# under 32 tokens for any tokenizer.
 PROMPT_LEN = 32
+# A batch's prompts are padded to a multiple of this: a few compiled shapes per run, not one per
+# longest prompt, and little padding for short prompts.
+_PAD_MULTIPLE = 16
 
 
 def rollout_model(policy: MiMoV2Flash, dtype: str) -> MiMoV2Flash:
@@ -65,7 +68,8 @@ class Rollouts:
     Attributes:
       prompts: the B prompt strings.
       completions: the B decoded responses (through the end token when one was sampled).
-      tokens: int32 [B, S] prompt, response, then padding (S = prompt_len + max_new_tokens).
+      tokens: int32 [B, S] prompt, response, then padding (S = T0 + max_new_tokens, T0 the
+        padded prompt width of ``encode_prompts``).
       response_mask: float32 [B, S] 1 at sampled tokens, end token included; 0 at prompt and
         padding.
       logprobs: float32 [B, S] or None: the rollout model's log-probability of each sampled
@@ -102,18 +106,22 @@ def encode_prompts(
     Args:
       tokenizer: the run's tokenizer.
       prompts: B prompt strings.
-      prompt_len: T0, the padded width (fixed per run so shapes do not change).
+      prompt_len: the most tokens a prompt may have.
 
     Returns:
-      (ids int32 [B, T0] padded with 0, lengths int32 [B]).
+      (ids int32 [B, T0] padded with 0, lengths int32 [B]); T0 is the smallest multiple of 16
+      (at most ``prompt_len``) that holds the longest prompt.
     """
-    ids = np.zeros((len(prompts), prompt_len), np.int32)
-    lengths = np.zeros((len(prompts),), np.int32)
-    for i, p in enumerate(prompts):
-        row = tokenizer.encode(p)
+    rows = [tokenizer.encode(p) for p in prompts]
+    for p, row in zip(prompts, rows, strict=True):
         if not 0 < len(row) <= prompt_len:
             raise ValueError(f"prompt {p!r} is {len(row)} tokens; prompts must be 1..{prompt_len}")
-        ids[i, : len(row)], lengths[i] = row, len(row)
+    longest = max(len(r) for r in rows)
+    width = min(prompt_len, -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE)
+    ids = np.zeros((len(prompts), width), np.int32)
+    lengths = np.array([len(r) for r in rows], np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
     return ids, lengths
 
 
@@ -136,7 +144,7 @@ def sample(
       model: the rollout model.
       tokenizer: the run's tokenizer.
       prompts: B prompt strings.
-      prompt_len: T0 (see ``encode_prompts``).
+      prompt_len: the most tokens a prompt may have (see ``encode_prompts``).
       max_new_tokens: response tokens at most; a response ends at ``stop_token``.
       temperature: sampling temperature (0: greedy).
       seed: the sampling seed.
@@ -189,7 +197,7 @@ def heldout_success(
       task: the task (its verifier scores the completions).
       tokenizer: the run's tokenizer.
       num_prompts: held-out prompts (always the same ones: ``task.heldout_prompts``).
-      prompt_len: T0 (see ``encode_prompts``).
+      prompt_len: the most tokens a prompt may have (see ``encode_prompts``).
       batch_size: prompts per ``generate`` call; the last batch is padded to this size with
         repeats so the call compiles once.
 
