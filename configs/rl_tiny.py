@@ -96,6 +96,9 @@ def get_config():
     c.rl.eps = 1e-8
     c.rl.weight_decay = 0.0
     c.rl.grad_clip = 1.0
+    # Aux-loss-free balancing during RL: off, so replayed rollouts and the trained router see
+    # the same expert biases the rollout engine used.
+    c.rl.bias_update_rate = 0.0
     c.rl.log_every = 10
     c.rl.heldout_every = 25
     c.rl.heldout_prompts = 200
