@@ -8,6 +8,11 @@ Per layer type (the MiMo-V2-Flash technical report, section 2.2; docs/model.md):
 Both rotate only the first ``rotary_dim`` (64 of 192) dims of q and k, scale v by
 ``attention_value_scale`` (not folded into the softmax scale, which stays H ** -0.5), and run
 the attention math through ``pallas_kernels.attention``.
+
+Packed rows (several examples per row, ``segment_ids`` 1, 2, ... per example and 0 on padding)
+run through ``segment_attention`` instead: the same causal, window and sink rules, plus query i
+seeing key j only within its own segment, so a packed example computes what it would alone in a
+row. It is dense over the row (the kernels have no segment mask), and training-only.
 """
 
 import jax
@@ -19,6 +24,61 @@ from mimo_jax import axes as ax
 from mimo_jax.cache import KVCache
 from mimo_jax.config import SLIDING, ModelConfig
 from mimo_jax.layers import Linear, apply_rope
+from pallas_kernels.reference import visibility_mask
+
+# Masked logits: a large finite negative instead of -inf (as pallas_kernels.xla does), so the
+# softmax and its gradient stay finite; exp(_NEG - max) is exactly 0 in fp32.
+_NEG = -1e30
+
+
+def segment_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    sinks: jax.Array | None,
+    sliding_window: int | None,
+    scale: float,
+) -> jax.Array:
+    """Causal self-attention restricted to segments: dense, with GQA, window and sink logits.
+
+    Query i sees key j when ``segment_ids[i] == segment_ids[j]`` and ``0 <= i - j`` (and
+    ``i - j < sliding_window``), i and j being indices in the row as in the unpacked path;
+    within an example whose positions restart at 0 that is its position difference. The sink
+    column is per query as without packing. Every query sees itself, so no row is empty.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k: [B, T, K, H] keys of the same tokens.
+      v: [B, T, K, P] values.
+      segment_ids: int [B, T], equal within one example (padding is one more segment).
+      sinks: optional fp32 [N] sink logits (an extra unscaled column with no value).
+      sliding_window: visible keys per query counting itself, or None.
+      scale: logit scale.
+
+    Returns:
+      [B, T, N, P] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kv_heads, p_dim = k.shape[2], v.shape[3]
+    g = n // kv_heads
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = visibility_mask(idx, idx, causal=True, sliding_window=sliding_window)  # [B, T, S]
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    q5 = q.reshape(b, t, kv_heads, g, h)  # [B, T, K, G, H]: kv heads are never repeated
+    logits = jnp.einsum("btkgh,bskh->bkgts", q5, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits * scale, _NEG)  # [B, K, G, T, S]
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.reshape(kv_heads, g, 1, 1), (b, kv_heads, g, t, 1))
+        logits = jnp.concatenate([logits, sink], axis=-1)  # [B, K, G, T, S + 1]
+    p = jax.nn.softmax(logits, axis=-1)
+    if sinks is not None:
+        p = p[..., :-1]  # the sink column has no value vector
+    o = jnp.einsum(
+        "bkgts,bskp->btkgp", p.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )  # [B, T, K, G, P]
+    return o.reshape(b, t, n, p_dim).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -89,6 +149,7 @@ class Attention(nnx.Module):
         *,
         q_positions: jax.Array | None = None,
         kv_positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Attention over (k, v) and the output projection.
 
@@ -98,18 +159,27 @@ class Attention(nnx.Module):
           v: [B, S, K, P].
           q_positions: optional int [B, T] (needed when k/v is a cache).
           kv_positions: optional int [B, S] slot positions, negative for empty slots.
+          segment_ids: optional int [B, T] (k, v of the same tokens, no cache): attention stays
+            within a segment (``segment_attention``).
 
         Returns:
           [B, T, D].
         """
+        sinks = None if self.sinks is None else self.sinks[...].astype(jnp.float32)
+        scale = self.cfg.head_dim**-0.5
+        if segment_ids is not None:
+            o = segment_attention(
+                q, k, v, segment_ids, sinks=sinks, sliding_window=self.window, scale=scale
+            )  # [B, T, N, P]
+            return self.o_proj(o)
         o = pallas_kernels.attention(
             q,
             k,
             v,
-            sinks=None if self.sinks is None else self.sinks[...].astype(jnp.float32),
+            sinks=sinks,
             sliding_window=self.window,
             causal=True,
-            scale=self.cfg.head_dim**-0.5,
+            scale=scale,
             q_positions=q_positions,
             kv_positions=kv_positions,
             implementation=self.cfg.attention_impl,
@@ -123,6 +193,7 @@ class Attention(nnx.Module):
         cache: KVCache | None = None,
         lengths: jax.Array | None = None,
         offset: int | jax.Array = 0,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Self-attention, with three uses of the cache.
 
@@ -138,13 +209,27 @@ class Attention(nnx.Module):
           cache: this layer's KVCache.
           lengths: int [B] valid prompt tokens per row (prefill only).
           offset: prefill only: position of entry 0 is ``offset`` (MTP depths), int or int [B].
+          segment_ids: optional int [B, T] for packed rows (no cache, ``attention_impl="xla"``):
+            each token attends only within its segment.
 
         Returns:
           ([B, T, D], the updated cache or None).
+
+        Raises:
+          ValueError: ``segment_ids`` with a cache, or with an attention_impl other than "xla".
         """
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids is for training forwards; got it with a KV cache")
+            if self.cfg.attention_impl != "xla":
+                raise ValueError(
+                    f"ModelConfig.attention_impl={self.cfg.attention_impl!r}: segment_ids "
+                    "(packed rows) needs attention_impl='xla'; the Pallas kernels have no "
+                    "segment mask"
+                )
         q, k, v = self.qkv(x, positions)
         if cache is None:
-            return self.attend(q, k, v), None
+            return self.attend(q, k, v, segment_ids=segment_ids), None
         if lengths is not None:
             return self.attend(q, k, v), cache.fill(k, v, lengths, offset).constrained()
         cache = cache.write(k, v, positions).constrained()

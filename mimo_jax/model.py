@@ -117,6 +117,7 @@ class DecoderLayer(nnx.Module):
         routing: jax.Array | None = None,
         cache: KVCache | None = None,
         lengths: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
         """One block.
 
@@ -126,11 +127,14 @@ class DecoderLayer(nnx.Module):
           routing: optional int [B, T, k] experts to replay.
           cache: optional KVCache (see ``Attention.__call__`` for prefill vs decode).
           lengths: int [B] prompt lengths (prefill only).
+          segment_ids: optional int [B, T] packed-row segments (no cache; see ``Attention``).
 
         Returns:
           h [B, T, D], this layer's aux (see ``ModelOutput.aux``), the updated cache or None.
         """
-        attn, cache = self.self_attn(self.input_layernorm(h), positions, cache, lengths)
+        attn, cache = self.self_attn(
+            self.input_layernorm(h), positions, cache, lengths, segment_ids=segment_ids
+        )
         h = h + attn
         x = self.post_attention_layernorm(h)
         if self.is_moe:
@@ -149,15 +153,15 @@ class DecoderLayer(nnx.Module):
         return ax.constrain(h + y, (ax.BATCH, None, None)), aux, cache
 
 
-def _run_layer(graphdef, state, h, positions, routing, cache, lengths, remat: bool):
+def _run_layer(graphdef, state, h, positions, routing, cache, lengths, segments, remat: bool):
     """Applies one layer given as (graphdef, state): a pure function, so it can be scanned/remat."""
 
-    def f(state, h, positions, routing, cache, lengths):
-        return nnx.merge(graphdef, state)(h, positions, routing, cache, lengths)
+    def f(state, h, positions, routing, cache, lengths, segments):
+        return nnx.merge(graphdef, state)(h, positions, routing, cache, lengths, segments)
 
     if remat:
         f = jax.checkpoint(f)
-    return f(state, h, positions, routing, cache, lengths)
+    return f(state, h, positions, routing, cache, lengths, segments)
 
 
 class MiMoV2Flash(nnx.Module):
@@ -205,6 +209,7 @@ class MiMoV2Flash(nnx.Module):
         routing: jax.Array | None = None,
         cache: dict | None = None,
         lengths: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array], dict | None]:
         """Runs all decoder layers.
 
@@ -214,6 +219,7 @@ class MiMoV2Flash(nnx.Module):
           routing: optional int [L, B, T, k] expert ids to replay (rows of dense layers ignored).
           cache: optional decoder caches from ``init_cache`` (its "layers" and "scanned" parts).
           lengths: int [B] prompt lengths when filling the cache (prefill).
+          segment_ids: optional int [B, T] packed-row segments (training forwards only).
 
         Returns:
           pre-norm hidden [B, T, D], aux stacked over layers in layer order, updated caches.
@@ -229,7 +235,7 @@ class MiMoV2Flash(nnx.Module):
             r = None if routing is None else routing[i]
             c = None if cache is None else cache["layers"][j]
             h, per_layer[i], new_unrolled[j] = _run_layer(
-                gd, st, h, positions, r, c, lengths, cfg.remat
+                gd, st, h, positions, r, c, lengths, segment_ids, cfg.remat
             )
 
         for i in range(plan.start):
@@ -253,7 +259,7 @@ class MiMoV2Flash(nnx.Module):
                     rj = None if r is None else r[j]
                     cj = None if caches is None else caches[j]
                     h, aux, cj = _run_layer(
-                        gds[j], states[j], h, positions, rj, cj, lengths, cfg.remat
+                        gds[j], states[j], h, positions, rj, cj, lengths, segment_ids, cfg.remat
                     )
                     auxes.append(aux)
                     new_caches.append(cj)
@@ -374,6 +380,7 @@ class MiMoV2Flash(nnx.Module):
         routing: jax.Array | None = None,
         mtp: bool = True,
         logits: bool = True,
+        segment_ids: jax.Array | None = None,
     ) -> ModelOutput:
         """Forward pass over whole sequences (training, evaluation, parity checks).
 
@@ -386,6 +393,10 @@ class MiMoV2Flash(nnx.Module):
           mtp: also run the MTP chain (``out.mtp_logits``; empty when False).
           logits: project to the vocabulary; False returns only the hidden states (a chunked
             loss then applies ``self.logits`` piecewise, see ``loss.chunked_cross_entropy``).
+          segment_ids: optional int [B, T] for packed rows (``sft_data.SFTBatch``: 1, 2, ... per
+            example, 0 on padding; ``positions`` restarting per example): every attention, MTP
+            layers included, stays within a segment, so each example's outputs are those it has
+            alone. Needs ``attention_impl="xla"``.
 
         Returns:
           ModelOutput (logits in fp32).
@@ -393,17 +404,23 @@ class MiMoV2Flash(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is not None and segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids must be [B, T]={(b, t)}, got {segment_ids.shape}")
         h = ax.constrain(self.embed_tokens(input_ids), (ax.BATCH, None, None))  # [B, T, D]
-        h, aux, _ = self.decoder(h, positions, routing)
+        h, aux, _ = self.decoder(h, positions, routing, segment_ids=segment_ids)
         hidden = self.norm(h)
         mtp_logits, mtp_hidden = [], []
         if mtp:
             h_prev = hidden
             for k, layer in enumerate(self.mtp):
                 # Depth k at position i consumes token i+k+1 (and that token's position). The
-                # wrapped tail positions have no label and are masked out of the loss.
+                # wrapped tail positions have no label and are masked out of the loss. Packed,
+                # position i keeps its segment: where token i+k+1 is in the next example the
+                # label is masked (sft_data.mtp_targets), and no query with a label sees it.
                 ids_k = jnp.roll(input_ids, -(k + 1), axis=1)
-                h_prev, _ = layer(self.embed_tokens(ids_k), h_prev, positions + k + 1)
+                h_prev, _ = layer(
+                    self.embed_tokens(ids_k), h_prev, positions + k + 1, segment_ids=segment_ids
+                )
                 mtp_hidden.append(h_prev)
                 if logits:
                     mtp_logits.append(self.logits(h_prev))

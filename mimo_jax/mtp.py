@@ -48,6 +48,7 @@ class MTPLayer(nnx.Module):
         cache: KVCache | None = None,
         lengths: jax.Array | None = None,
         offset: int | jax.Array = 0,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the block (cache semantics as ``Attention.__call__``).
 
@@ -58,12 +59,14 @@ class MTPLayer(nnx.Module):
           cache: optional KVCache of this block.
           lengths: int [B] (prefill only) valid entries per row.
           offset: (prefill only) position of entry 0, int or int [B] per row.
+          segment_ids: optional int [B, T] packed-row segments (no cache; see ``Attention``).
 
         Returns:
           ([B, T, D] post-``final_layernorm`` hidden states, the updated cache or None).
         """
         u = self.fuse(emb, h_prev)
-        attn, cache = self.self_attn(self.input_layernorm(u), positions, cache, lengths, offset)
+        x = self.input_layernorm(u)
+        attn, cache = self.self_attn(x, positions, cache, lengths, offset, segment_ids)
         u = u + attn
         u = u + self.mlp(self.post_attention_layernorm(u))
         return self.final_layernorm(u), cache
