@@ -1,0 +1,269 @@
+"""On-policy RL with verifiable rewards (GRPO / Dr.GRPO) and rollout routing replay (R3).
+
+``run(config, workdir)`` is ``main.py --mode=rl``. Each step:
+
+1. samples G responses to each of P training prompts of ``config.task`` from the policy, cast to
+   ``config.rl.rollout_dtype`` as an inference engine would serve it, recording each token's
+   log-probability and the experts it used;
+2. scores them with the task's verifier (``tasks.checked_reward``: a raising or non-finite
+   reward stops the run naming the task and prompt) and computes group advantages;
+3. takes ``updates_per_step`` optimizer steps on the clipped surrogate (``rl_step``), replaying
+   the rollout's experts in every training forward (``config.rl.routing_replay``).
+
+The prompts and the sampling seed of step s are pure functions of (seed, s): a run resumed from a
+checkpoint follows the uninterrupted run's curve. Without ``config.init_from`` the run first does
+the SFT warm-up (``sft.run``) in ``<workdir>/sft`` and starts from its last checkpoint.
+docs/post_training.md describes the metrics.
+"""
+
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mimo_jax import axes as ax
+from mimo_jax import checkpoint, data
+from mimo_jax import sharding as sh
+from mimo_jax.config import ModelConfig
+from mimo_jax.post_training import losses, policy, rl_step, rollout, sft, tasks
+from mimo_jax.progress import Progress
+from mimo_jax.sampling import Sampling
+from mimo_jax.train import (
+    MetricsWriter,
+    _check_same_model,
+    _check_workdir,
+    make_optimizer,
+    make_train_step,
+    model_config,
+)
+
+_PROMPT_STREAM, _SAMPLE_STREAM = 0, 1
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A 31-bit seed that is a pure function of (run seed, step, stream)."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0] >> 1)
+
+
+def check_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+    """Raises ValueError naming the first bad ``config.rl`` field."""
+    rc = config.rl
+
+    def need(ok: bool, field: str, expected: str):
+        if not ok:
+            raise ValueError(f"config.rl.{field}={rc[field]!r}: {expected}")
+
+    need(rc.steps >= 1, "steps", "must be >= 1")
+    need(rc.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+    need(rc.group_size >= 2, "group_size", "must be >= 2 (the group mean is the baseline)")
+    need(rc.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+    need(rc.temperature > 0, "temperature", "must be > 0 (on-policy RL samples)")
+    need(rc.advantage in rl_step.ADVANTAGES, "advantage", f"must be one of {rl_step.ADVANTAGES}")
+    need(rc.aggregation in losses.AGGREGATIONS, "aggregation", f"one of {losses.AGGREGATIONS}")
+    need(rc.rollout_dtype in rollout.ROLLOUT_DTYPES, "rollout_dtype", str(rollout.ROLLOUT_DTYPES))
+    need(0 <= rc.eps_low < 1, "eps_low", "must be in [0, 1)")
+    need(rc.eps_high >= 0, "eps_high", "must be >= 0")
+    need(rc.dual_clip_c == 0 or rc.dual_clip_c > 1, "dual_clip_c", "must be 0 (off) or > 1")
+    need(0 < rc.iw_low <= 1 <= rc.iw_high, "iw_low", "need 0 < iw_low <= 1 <= iw_high")
+    need(rc.kl_weight >= 0, "kl_weight", "must be >= 0")
+    need(rc.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+    need(
+        0 <= rc.num_draft_tokens <= cfg.num_mtp_layers,
+        "num_draft_tokens",
+        f"must be in 0..{cfg.num_mtp_layers} (config.model.num_mtp_layers)",
+    )
+    batch = rc.prompts_per_step * rc.group_size
+    need(
+        rc.updates_per_step >= 1 and batch % rc.updates_per_step == 0,
+        "updates_per_step",
+        f"must be >= 1 and divide prompts_per_step * group_size = {batch}",
+    )
+    shards = math.prod(jax.sharding.get_mesh().shape.get(a, 1) for a in ax.mesh_axes(ax.BATCH))
+    need(
+        (batch // rc.updates_per_step) % shards == 0,
+        "updates_per_step",
+        f"each update's {batch // rc.updates_per_step} sequences must divide over the "
+        f"{shards} batch shards of config.mesh",
+    )
+    for field in ("log_every", "heldout_every", "checkpoint_every", "heldout_prompts"):
+        need(rc[field] >= 1, field, "must be >= 1")
+
+
+def _optimizer_fields(rc: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.rl`` with ``steps`` counted in optimizer updates (the schedule's unit)."""
+    oc = ml_collections.ConfigDict(rc.to_dict())
+    oc.steps = rc.steps * rc.updates_per_step
+    return oc
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """On-policy RL from ``config.init_from`` (or the SFT warm-up), resuming from ``workdir``.
+
+    Args:
+      config: ml_collections config with ``task``, ``rl`` (and ``train`` / ``sft`` for the
+        warm-up); see configs/rl_tiny.py.
+      workdir: run directory: ``model_config.json``, checkpoints, ``metrics.jsonl`` (and
+        ``sft/`` for the warm-up).
+
+    Returns:
+      The last logged metrics.
+    """
+    cfg = model_config(config)
+    task = policy.task_from_config(config)
+    tokenizer = data.load_tokenizer(config.data.tokenizer or None)
+    mesh = sh.make_mesh(config.mesh.shape)
+    with sh.use_mesh(mesh, config.mesh.rules):
+        check_config(config, cfg)
+    _check_workdir(workdir)
+    _check_same_model(workdir, cfg)
+    init_from = config.init_from
+    if not init_from:
+        init_from = os.path.join(workdir, "sft")
+        print(f"SFT warm-up in {init_from} (config.init_from is empty)", flush=True)
+        sft.run(config, init_from)
+    with sh.use_mesh(mesh, config.mesh.rules):
+        return _rl(config, workdir, cfg, task, tokenizer, init_from)
+
+
+class _Timer:
+    """Accumulates wall seconds per phase; ``read()`` returns and resets them."""
+
+    def __init__(self):
+        self.s: dict[str, float] = {}
+
+    def add(self, name: str, t0: float) -> None:
+        self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
+
+    def read(self) -> dict[str, float]:
+        out, self.s = self.s, {}
+        return out
+
+
+def _sample(roll, task, tokenizer, rc, seed: int, step: int) -> rollout.Rollouts:
+    """Step ``step``'s rollouts: G samples of each of P prompts, all a function of (seed, step)."""
+    prompts = task.train_prompts(step_seed(seed, step, _PROMPT_STREAM), rc.prompts_per_step)
+    return rollout.sample(
+        roll, tokenizer, [p for p in prompts for _ in range(rc.group_size)],
+        prompt_len=rollout.PROMPT_LEN, max_new_tokens=rc.max_new_tokens,
+        temperature=rc.temperature, top_k=rc.top_k, seed=step_seed(seed, step, _SAMPLE_STREAM),
+        num_draft_tokens=rc.num_draft_tokens,
+    )  # fmt: skip
+
+
+def score(task: tasks.Task, ro: rollout.Rollouts) -> np.ndarray:
+    """float32 [B] verifier rewards; a task that raises or returns a non-finite value stops
+    the run with a ValueError naming the task and the prompt (``tasks.checked_reward``)."""
+    pairs = zip(ro.prompts, ro.completions, strict=True)
+    return np.array([tasks.checked_reward(task, p, c) for p, c in pairs], np.float32)
+
+
+def _rl(config, workdir, cfg, task, tokenizer, init_from) -> dict[str, float]:
+    """The loop of ``run``, under the run's mesh."""
+    rc = config.rl
+    model = policy.init_model(config, cfg, init_from=init_from)
+    opt = make_optimizer(model, _optimizer_fields(rc))
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=rc.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        start = ckpt.restore(model, opt)
+    elif jax.process_index() == 0:
+        checkpoint.save_model_config(workdir, cfg)
+    ref = policy.init_model(config, cfg, init_from=init_from) if rc.kl_weight else None
+    roll = rollout.rollout_model(model, rc.rollout_dtype)
+    sampling = Sampling(float(rc.temperature), int(rc.top_k), 1.0)
+    graphdef, state = nnx.split((model, opt))
+    train_step = make_train_step(
+        graphdef, cfg, _optimizer_fields(rc), sh.state_shardings((model, opt)),
+        loss_fn=rl_step.make_loss_fn(cfg, rc, sampling),
+    )  # fmt: skip
+    logp_fn = rl_step.make_logp_fn(sampling, rc.routing_replay)
+    probe = rl_step.make_r3_probe(cfg, sampling)
+    writer = MetricsWriter(workdir)
+    progress = Progress("rl step", rc.steps, start=start, every_s=math.inf)
+    progress.say(
+        f"RL on {task.name} from {init_from}: {rc.prompts_per_step} prompts x "
+        f"{rc.group_size} samples per step, {rc.rollout_dtype} rollouts, routing replay "
+        f"{'on' if rc.routing_replay else 'off'}; {workdir}: "
+        + (f"resuming at step {start}" if start else "new run")
+    )
+
+    def heldout(model):
+        return rollout.heldout_success(
+            model, task, tokenizer, num_prompts=rc.heldout_prompts, prompt_len=rollout.PROMPT_LEN
+        )
+
+    last: dict[str, float] = {}
+    if start == 0:
+        last = {"heldout_success": heldout(model)}
+        writer.write(0, last)
+        progress.say(f"step 0: heldout_success {last['heldout_success']:.3f}")
+    timer, generated = _Timer(), 0.0
+    for step in range(start, rc.steps):
+        done = step + 1
+        log = done % rc.log_every == 0 or done % rc.heldout_every == 0 or done == rc.steps
+        nnx.update((model, opt), state)
+        t0 = time.perf_counter()
+        rollout.sync_rollout_model(roll, model)
+        ro = _sample(roll, task, tokenizer, rc, config.seed, step)
+        timer.add("rollout_s", t0)
+        generated += float(ro.response_mask.sum())
+        t0 = time.perf_counter()
+        rewards = score(task, ro)
+        batch = {k: sh.put_batch(v) for k, v in rl_step.build_batch(ro, rewards, rc).items()}
+        if ref is not None:
+            batch["ref_logp"] = logp_fn(ref, batch)
+        if rc.updates_per_step > 1:
+            batch["old_logp"] = logp_fn(model, batch)
+        probed = probe(model, batch) if log and "routing" in batch else {}
+        n, per = rc.updates_per_step, rc.prompts_per_step * rc.group_size // rc.updates_per_step
+        step_metrics = []
+        for u in range(n):
+            host = jax.device_get({k: v[u * per : (u + 1) * per] for k, v in batch.items()})
+            micro = {k: sh.put_batch(v[None], batch_dim=1) for k, v in host.items()}
+            state, m = train_step(state, micro)
+            step_metrics.append(m)
+        timer.add("train_s", t0)
+        if log:
+            m = jax.device_get(step_metrics)
+            metrics = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+            metrics.update({k: float(v) for k, v in jax.device_get(probed).items()})
+            lengths = ro.response_mask.sum(axis=1)
+            groups = rewards.reshape(rc.prompts_per_step, rc.group_size)
+            metrics.update(
+                reward_mean=float(rewards.mean()),
+                reward_std=float(rewards.std()),
+                train_success=float(np.mean(rewards == 1.0)),
+                tied_group_share=float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
+                response_length=float(lengths.mean()),
+                mean_accepted_length=ro.mean_accepted_length,
+                rollout_tokens_per_sec=generated / max(timer.s["rollout_s"], 1e-9),
+            )
+            generated = 0.0
+            metrics.update(timer.read())
+            if done % rc.heldout_every == 0 or done == rc.steps:
+                nnx.update((model, opt), state)
+                metrics["heldout_success"] = heldout(model)
+            writer.write(done, metrics)
+            last = metrics
+            progress.update(done, _fields(metrics), force=True)
+        else:
+            progress.update(done)
+        if done % rc.checkpoint_every == 0 or done == rc.steps:
+            nnx.update((model, opt), state)
+            ckpt.save(done, model, opt)
+    nnx.update((model, opt), state)
+    ckpt.close()
+    writer.close()
+    progress.say(f"rl step {rc.steps} reached; checkpoints in {ckpt.directory}")
+    return last
+
+
+def _fields(m: dict[str, float]) -> str:
+    """The progress line's metrics, named as in metrics.jsonl."""
+    names = ["reward_mean", "heldout_success", "response_length", "entropy", "clip_frac_high",
+             "r3_kl_replay", "r3_kl_no_replay", "rollout_s", "train_s"]  # fmt: skip
+    return " | ".join(f"{k} {m[k]:.3f}" for k in names if k in m)
