@@ -322,17 +322,41 @@ def _check_workdir(workdir: str) -> None:
         raise PermissionError(f"--workdir {workdir!r} is not writable: {e}") from e
 
 
-def _check_same_model(workdir: str, cfg: ModelConfig) -> None:
-    """Refuses to resume a workdir whose checkpoints belong to another architecture."""
-    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
-        return
-    saved = checkpoint.load_model_config(workdir)
+def architecture_diff(saved: ModelConfig, cfg: ModelConfig) -> list[str]:
+    """The ModelConfig fields in which two configs differ, except those a checkpoint's weights do
+    not depend on (compute dtype, attention and MoE implementations, remat)."""
     structural = {"dtype", "attention_impl", "moe_impl", "moe_capacity_factor", "remat"}
-    diff = [
+    return [
         f.name
         for f in dataclasses.fields(ModelConfig)
         if f.name not in structural and getattr(saved, f.name) != getattr(cfg, f.name)
     ]
+
+
+def check_tokenizer_fits(cfg: ModelConfig, tokenizer) -> None:
+    """Refuses a tokenizer with more ids than ``config.model.vocab_size``."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={cfg.vocab_size} < tokenizer vocab {tokenizer.vocab_size}"
+        )
+
+
+def check_batch_shards(config: ml_collections.ConfigDict, mesh) -> None:
+    """Refuses a ``config.train.batch_size`` that the mesh's batch shards do not divide."""
+    shards = math.prod(mesh.shape[a] for a in ax.mesh_axes(ax.BATCH))
+    if config.train.batch_size % shards:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} must be divisible by the batch "
+            f"shards of config.mesh.shape={tuple(config.mesh.shape)} with rules "
+            f"{config.mesh.rules!r} ({ax.mesh_axes(ax.BATCH)}: {shards} shards)"
+        )
+
+
+def _check_same_model(workdir: str, cfg: ModelConfig) -> None:
+    """Refuses to resume a workdir whose checkpoints belong to another architecture."""
+    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        return
+    diff = architecture_diff(checkpoint.load_model_config(workdir), cfg)
     if diff:
         raise ValueError(
             f"{workdir} holds a run of a different model (fields {diff} differ from "
@@ -358,21 +382,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_workdir(workdir)
     _check_same_model(workdir, cfg)
     tokenizer = data.load_tokenizer(config.data.tokenizer or None)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(
-            f"config.model.vocab_size={cfg.vocab_size} < tokenizer vocab {tokenizer.vocab_size}"
-        )
+    check_tokenizer_fits(cfg, tokenizer)
     splits = data.load_tokens(config.data)
     bpt = data.bytes_per_token(splits.validation[:100_000], tokenizer)
     mesh = sh.make_mesh(config.mesh.shape)
     with sh.use_mesh(mesh, config.mesh.rules):
-        shards = math.prod(mesh.shape[a] for a in ax.mesh_axes(ax.BATCH))
-        if tc.batch_size % shards:
-            raise ValueError(
-                f"config.train.batch_size={tc.batch_size} must be divisible by the batch shards "
-                f"of config.mesh.shape={tuple(config.mesh.shape)} with rules "
-                f"{config.mesh.rules!r} ({ax.mesh_axes(ax.BATCH)}: {shards} shards)"
-            )
+        check_batch_shards(config, mesh)
         return _train(config, workdir, cfg, tokenizer, splits, bpt)
 
 
@@ -399,17 +414,10 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
         + f"; metrics every {tc.log_every} steps in metrics.jsonl"
     )
 
-    graphdef, state = nnx.split((model, opt))
-    train_step = make_train_step(graphdef, cfg, tc, sh.state_shardings((model, opt)))
     eval_step = make_eval_step(nnx.graphdef(model), tc.loss_chunk)
-    writer = MetricsWriter(workdir)
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    last: dict[str, float] = {}
-    t0, window_steps = time.perf_counter(), 0
-    if start < tc.steps:
-        progress.say(f"compiling the train step (step {start + 1} takes longer)")
-    for step in range(start, tc.steps):
-        batch = np.stack(
+
+    def batch_of(step):  # [A, B, T + 1]
+        return np.stack(
             [
                 data.get_batch(
                     splits.train,
@@ -420,8 +428,68 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
                 )
                 for a in range(tc.grad_accum)
             ]
-        )  # [A, B, T + 1]
-        state, metrics = train_step(state, sh.put_batch(batch, batch_dim=1))
+        )
+
+    last = run_loop(
+        model, opt, cfg, tc, workdir=workdir, ckpt=ckpt, progress=progress, start=start,
+        batch_of=batch_of, eval_fn=lambda: evaluate(model, splits.validation, tc, bpt, eval_step),
+    )  # fmt: skip
+    if tc.sample_len:
+        prompt = tokenizer.encode(tc.sample_prompt)
+        text = tokenizer.decode(sample(model, prompt, tc.sample_len, temperature=0.8, seed=0))
+        print(f"--- sample ---\n{tc.sample_prompt}{text}\n--------------", flush=True)
+    return last
+
+
+def run_loop(
+    model: MiMoV2Flash,
+    opt: nnx.Optimizer,
+    cfg: ModelConfig,
+    tc: ml_collections.ConfigDict,
+    *,
+    workdir: str,
+    ckpt: checkpoint.Checkpointer,
+    progress: Progress,
+    start: int,
+    batch_of: Callable[[int], Any],
+    eval_fn: Callable[[], dict[str, float]],
+    loss_fn: Callable | None = None,
+) -> dict[str, float]:
+    """Steps ``start`` .. ``tc.steps`` of a run: the loop of pre-training and SFT.
+
+    Metrics (the train step's, ``tokens_per_sec`` and, every ``tc.eval_every`` steps and at the
+    end, ``eval_fn``'s) every ``tc.log_every`` steps and at the end, to stdout and
+    ``MetricsWriter``; checkpoints every ``tc.checkpoint_every`` steps and at the end. Throughput
+    counts neither the first step's compilation nor evaluation nor checkpointing.
+
+    Args:
+      model, opt: the run's state (restored or initialised); updated in place, ``ckpt`` closed.
+      cfg: the model config.
+      tc: ``config.train`` (the schedule, loop and balancing fields; ``batch_size``,
+        ``seq_len`` and ``grad_accum`` give the tokens per step).
+      workdir: where ``metrics.jsonl`` and the TensorBoard events go.
+      ckpt: the run's Checkpointer.
+      progress: the run's progress printer (counting steps from ``start``).
+      start: the first step to run.
+      batch_of: step -> host batch, a pytree of [A, ...] arrays (a pure function of the step,
+        so a resumed run sees the same batches).
+      eval_fn: evaluation metrics of ``model`` (called with the model up to date).
+      loss_fn: ``make_train_step``'s (default: the pre-training loss).
+
+    Returns:
+      The last logged metrics.
+    """
+    graphdef, state = nnx.split((model, opt))
+    train_step = make_train_step(graphdef, cfg, tc, sh.state_shardings((model, opt)), loss_fn)
+    writer = MetricsWriter(workdir)
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    last: dict[str, float] = {}
+    t0, window_steps = time.perf_counter(), 0
+    if start < tc.steps:
+        progress.say(f"compiling the train step (step {start + 1} takes longer)")
+    for step in range(start, tc.steps):
+        batch = jax.tree.map(lambda x: sh.put_batch(x, batch_dim=1), batch_of(step))
+        state, metrics = train_step(state, batch)
         window_steps += 1
         done = step + 1
         log = done % tc.log_every == 0 or done == tc.steps
@@ -439,7 +507,7 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
             t0, window_steps = time.perf_counter(), 0
             if done % tc.eval_every == 0 or done == tc.steps:
                 nnx.update((model, opt), state)
-                metrics.update(evaluate(model, splits.validation, tc, bpt, eval_step))
+                metrics.update(eval_fn())
                 t0 = time.perf_counter()  # evaluation time is not training throughput
             writer.write(done, metrics)
             last = metrics
@@ -455,10 +523,6 @@ def _train(config, workdir, cfg, tokenizer, splits, bpt) -> dict[str, float]:
     ckpt.close()
     writer.close()
     progress.say(f"step {tc.steps} reached; checkpoints in {ckpt.directory}")
-    if tc.sample_len:
-        prompt = tokenizer.encode(tc.sample_prompt)
-        text = tokenizer.decode(sample(model, prompt, tc.sample_len, temperature=0.8, seed=0))
-        print(f"--- sample ---\n{tc.sample_prompt}{text}\n--------------", flush=True)
     return last
 
 
@@ -477,6 +541,8 @@ def _progress_fields(m: dict[str, float]) -> str:
     ]
     if "val_loss" in m:
         fields += [f"val_loss {m['val_loss']:.4f}", f"val_bpb {m['val_bpb']:.3f}"]
+    if "heldout_success" in m:
+        fields.append(f"heldout_success {m['heldout_success']:.3f}")
     return " | ".join(fields)
 
 

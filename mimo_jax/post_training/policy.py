@@ -1,0 +1,95 @@
+"""The post-training policy: the run's task, and its model initialised from ``config.init_from``.
+
+SFT and RL start from a pre-trained workdir (or an SFT workdir), an HF checkpoint directory, or
+random weights. Only the model state (parameters and the router's expert biases) is taken from
+the source, never its optimizer state: a post-training run starts its own optimizer.
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+
+from mimo_jax import checkpoint, hf
+from mimo_jax import sharding as sh
+from mimo_jax.config import ModelConfig
+from mimo_jax.model import MiMoV2Flash
+from mimo_jax.post_training import tasks
+from mimo_jax.train import architecture_diff
+
+# Fields an HF config.json does not hold or that only say how this run computes: taken from the
+# run's model config.
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "moe_capacity_factor",
+                   "moe_token_chunk", "scan_layers", "remat")  # fmt: skip
+
+
+def task_from_config(config: ml_collections.ConfigDict) -> tasks.Task:
+    """``tasks.get_task(config.task.name, **config.task.options)``.
+
+    Raises:
+      ValueError: naming ``config.task.name`` (and its options) for an unknown task or bad
+        options.
+    """
+    name, options = config.task.name, dict(config.task.options)
+    try:
+        return tasks.get_task(name, **options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.task.name={name!r} with options {options}: {e}") from e
+
+
+def init_model(
+    config: ml_collections.ConfigDict, cfg: ModelConfig, *, init_from: str
+) -> MiMoV2Flash:
+    """The run's model, sharded under the current mesh, initialised from ``init_from``.
+
+    Args:
+      config: the run's config (``seed`` for a random init; ``init_from`` is named in errors).
+      cfg: the run's model config (``train.model_config(config)``).
+      init_from: "" for a random init with ``config.seed``; a workdir (``model_config.json``
+        and checkpoints: its latest step's model state); or an HF checkpoint directory
+        (``config.json`` and safetensors, loaded with ``hf.load_hf``).
+
+    Returns:
+      The model, every parameter in the layout of the current mesh and rules.
+
+    Raises:
+      ValueError: naming ``config.init_from``: neither kind of directory, a workdir without a
+        checkpoint, or a source whose architecture differs from ``cfg`` (listing the fields).
+    """
+    if not init_from:
+        return sh.create_model(cfg, config.seed)
+    if os.path.isfile(os.path.join(init_from, checkpoint.CONFIG_FILE)):
+        saved = checkpoint.load_model_config(init_from)
+        # Weights are stored per leaf and cast on restore: their storage dtype may differ.
+        _check_architecture(dataclasses.replace(saved, param_dtype=cfg.param_dtype), cfg, init_from)
+        model = sh.create_model(cfg, config.seed)
+        ckpt = checkpoint.Checkpointer(init_from)
+        try:
+            if ckpt.latest_step() is None:
+                raise ValueError(
+                    f"config.init_from={init_from!r} holds {checkpoint.CONFIG_FILE} but no "
+                    f"checkpoint in {ckpt.directory}"
+                )
+            ckpt.restore(model)  # the model item only: the source's optimizer state stays
+        finally:
+            ckpt.close()
+        return model
+    if os.path.isfile(os.path.join(init_from, "config.json")):
+        model = hf.load_hf(init_from, **{f: getattr(cfg, f) for f in _RUNTIME_FIELDS})
+        _check_architecture(model.cfg, cfg, init_from)
+        return model
+    raise ValueError(
+        f"config.init_from={init_from!r} must be empty (random init), a mimo-jax workdir (with "
+        f"{checkpoint.CONFIG_FILE} and checkpoints) or an HF checkpoint directory (with "
+        "config.json and *.safetensors)"
+    )
+
+
+def _check_architecture(source: ModelConfig, cfg: ModelConfig, init_from: str) -> None:
+    diff = architecture_diff(source, cfg)
+    if diff:
+        values = ", ".join(f"{f}: {getattr(source, f)!r} vs {getattr(cfg, f)!r}" for f in diff)
+        raise ValueError(
+            f"config.init_from={init_from!r} holds another architecture than config.model "
+            f"(source vs run: {values})"
+        )
