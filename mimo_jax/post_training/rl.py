@@ -265,5 +265,8 @@ def _rl(config, workdir, cfg, task, tokenizer, init_from) -> dict[str, float]:
 def _fields(m: dict[str, float]) -> str:
     """The progress line's metrics, named as in metrics.jsonl."""
     names = ["reward_mean", "heldout_success", "response_length", "entropy", "clip_frac_high",
-             "r3_kl_replay", "r3_kl_no_replay", "rollout_s", "train_s"]  # fmt: skip
-    return " | ".join(f"{k} {m[k]:.3f}" for k in names if k in m)
+             "rollout_s", "train_s"]  # fmt: skip
+    small = ["r3_kl_replay", "r3_kl_no_replay"]  # bf16 vs fp32 gaps: ~1e-4 and below
+    return " | ".join(
+        [f"{k} {m[k]:.3f}" for k in names if k in m] + [f"{k} {m[k]:.1e}" for k in small if k in m]
+    )
