@@ -6,6 +6,8 @@ forward."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +187,41 @@ def test_bad_config_fields_are_named(field, value, needle):
     c.rl[field] = value
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         rl.check_config(c, train.model_config(c))
+
+
+def _main(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # One CPU device, as a user's (configs/rl_tiny.py's mesh is (1, 1, 1, 1)), same XLA flags.
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root, "XLA_FLAGS": flags}
+    return subprocess.run(
+        [sys.executable, os.path.join(root, "main.py"), *args],
+        capture_output=True, text=True, env=env, cwd=root, timeout=300,
+    )  # fmt: skip
+
+
+def test_cli_rl_runs_and_names_bad_fields(tmp_path):
+    """``main.py --mode=rl`` from an SFT workdir writes per-step metrics and checkpoints; a bad
+    config.rl field is one line on stderr naming it."""
+    small = [
+        "--config=configs/rl_tiny.py", "--config.model.embed_dim=32", "--config.model.mlp_dim=48",
+        "--config.model.moe_mlp_dim=24", "--config.model.num_experts=4",
+        "--config.model.num_mtp_layers=1", "--config.train.steps=2", "--config.train.batch_size=4",
+        "--config.sft.num_examples=16", "--config.sft.heldout_prompts=4",
+    ]  # fmt: skip
+    sft_dir, rl_dir = tmp_path / "sft", tmp_path / "rl"
+    r = _main("--mode=sft", f"--workdir={sft_dir}", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rl_flags = ["--config.rl.steps=2", "--config.rl.prompts_per_step=2", "--config.rl.group_size=2",
+                "--config.rl.heldout_prompts=4", "--config.rl.max_new_tokens=4"]  # fmt: skip
+    init = f"--config.init_from={sft_dir}"
+    r = _main("--mode=rl", f"--workdir={rl_dir}", *small, init, *rl_flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _metrics(str(rl_dir))
+    assert sorted(rows) == [0, 2] and "reward_mean" in rows[2] and "heldout_success" in rows[2]
+    assert checkpoint.Checkpointer(str(rl_dir)).latest_step() == 2
+    r = _main("--mode=rl", f"--workdir={tmp_path / 'bad'}", *small, init,
+              "--config.rl.advantage=ppo")  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "config.rl.advantage='ppo'" in r.stderr, r.stderr
