@@ -456,3 +456,72 @@ def plot_memory_plan(
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="lower right", fontsize=8)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-training.
+
+
+def plot_reward_curve(
+    rl_steps: Sequence[int],
+    reward_mean: Sequence[float],
+    heldout: tuple[Sequence[int], Sequence[float]],
+    *,
+    sft_heldout: tuple[Sequence[int], Sequence[float]] | None = None,
+) -> Any:
+    """The RL reward curve, with held-out success before (SFT) and during RL.
+
+    Args:
+      rl_steps: [n] RL steps at which the mean reward was logged.
+      reward_mean: [n] mean verifier reward of that step's rollouts.
+      heldout: (steps, success) of the RL run: greedy held-out success rate (step 0 = the
+        policy RL starts from).
+      sft_heldout: (steps, success) of the SFT warm-up, drawn in a left panel; None: no panel.
+
+    Returns:
+      The Figure: SFT held-out success against SFT step (left, if given), mean reward and
+      held-out success against RL step (right), both on a 0..1 scale.
+    """
+    fig, axes = _figure(1 if sft_heldout is None else 2, width=5.0)
+    if sft_heldout is not None:
+        ax = axes[0]
+        ax.plot(*sft_heldout, "o-", color="tab:green", label="held-out success")
+        ax.set(xlabel="SFT step", title="SFT warm-up")
+    ax = axes[-1]
+    ax.plot(rl_steps, reward_mean, color="tab:blue", alpha=0.8, label="mean reward (rollouts)")
+    ax.plot(*heldout, "o-", color="tab:green", label="held-out success (greedy)")
+    ax.set(xlabel="RL step", title="RL (GRPO)")
+    axes[0].set_ylabel("success rate / reward")
+    for ax in axes:
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def plot_routing_replay(
+    steps: Sequence[int],
+    replay: Mapping[str, Sequence[float]],
+    no_replay: Mapping[str, Sequence[float]],
+) -> Any:
+    """Train-inference mismatch with and without rollout routing replay, one panel per metric.
+
+    Args:
+      steps: [n] RL steps at which the mismatch was probed.
+      replay: metric label -> [n] values with the rollout's experts replayed in the training
+        forward (e.g. routing disagreement, k3 KL, extreme-ratio share).
+      no_replay: the same labels -> [n] values with the training router choosing its own experts.
+
+    Returns:
+      The Figure; a panel whose values are all positive uses a log scale.
+    """
+    fig, axes = _figure(len(replay), width=4.5)
+    for ax, label in zip(axes, replay, strict=True):
+        ax.plot(steps, no_replay[label], "o-", color="tab:red", label="without replay")
+        ax.plot(steps, replay[label], "o-", color="tab:blue", label="with replay (R3)")
+        if all(v > 0 for v in [*replay[label], *no_replay[label]]):
+            ax.set_yscale("log")
+        ax.set(xlabel="RL step", title=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig

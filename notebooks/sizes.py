@@ -10,7 +10,7 @@ a user's run.
 import ml_collections
 
 import mimo_jax
-from configs import debug, tiny
+from configs import debug, rl_tiny, tiny
 
 
 def quickstart(small: bool) -> ml_collections.ConfigDict:
@@ -118,3 +118,29 @@ def checkpoint_on_a_mesh(small: bool) -> tuple[mimo_jax.ModelConfig, int]:
         num_layers=6, embed_dim=544, mlp_dim=1024, moe_mlp_dim=256, num_experts=16, **common
     )
     return cfg, 24
+
+
+def post_training(small: bool) -> ml_collections.ConfigDict:
+    """``06_post_training``: the SFT warm-up and the RL run.
+
+    Args:
+      small: a 2-layer model (one MoE layer, 1 MTP layer), 4 SFT steps and 2 RL steps of
+        2 prompts x 2 samples, held-out success on 16 prompts; otherwise ``configs/rl_tiny.py``
+        as shipped.
+
+    Returns:
+      The config (``model``, ``task``, ``train`` and ``sft`` for the warm-up, ``rl``).
+    """
+    config = rl_tiny.get_config()
+    if not small:
+        return config
+    config.model.update(num_layers=2, num_mtp_layers=1)  # layer 0 dense FFN, layer 1 MoE
+    config.train.update(
+        steps=4, batch_size=8, warmup_steps=1, log_every=2, eval_every=2, checkpoint_every=4
+    )
+    config.sft.update(num_examples=64, heldout_prompts=16)
+    config.rl.update(
+        steps=2, prompts_per_step=2, group_size=2, warmup_steps=1, log_every=1, heldout_every=1,
+        heldout_prompts=16, checkpoint_every=2,
+    )  # fmt: skip
+    return config

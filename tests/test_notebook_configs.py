@@ -18,9 +18,10 @@ from flax import nnx
 
 import mimo_jax
 from bench import attention as attention_bench
-from configs import tiny
+from configs import rl_tiny, tiny
 from mimo_jax import axes, layout, train
 from mimo_jax import sharding as sh
+from mimo_jax.post_training import policy, rl, rollout, sft
 from notebooks import sizes
 from pallas_kernels import IMPLEMENTATIONS, attention
 
@@ -155,3 +156,39 @@ def test_checkpoint_on_a_mesh(small):
         if lay.path.endswith("mlp.wi_gate")
     )
     assert math.prod(wi.shape) == 8 * math.prod(wi.shard_shape)
+
+
+@pytest.mark.parametrize("small", SIZES)
+def test_post_training(small):
+    """The SFT warm-up's and the RL run's checks, as ``sft.run`` and ``rl.run`` make them."""
+    config = sizes.post_training(small)
+    cfg, tc = train.model_config(config), config.train
+    policy.task_from_config(config)
+    train.learning_rate_schedule(tc)  # the SFT warm-up
+    sft.check_config(config, cfg)
+    train.learning_rate_schedule(rl._optimizer_fields(config.rl))
+    mesh = sh.make_mesh(config.mesh.shape)
+    with sh.use_mesh(mesh, config.mesh.rules):
+        train.check_batch_shards(config, mesh)
+        rl.check_config(config, cfg)
+    assert config.train.seq_len <= cfg.max_position_embeddings
+    assert rollout.PROMPT_LEN + config.rl.max_new_tokens <= cfg.max_position_embeddings
+    assert "sparse" in cfg.mlp_layer_types  # routing replay has experts to replay
+    # The SFT warm-up's step, traced on its first batch.
+    dataset, _ = sft.load_dataset(
+        config, mimo_jax.data.load_tokenizer(config.data.tokenizer or None)
+    )
+    batch = sft.host_batch(dataset, config, 0, cfg.num_mtp_layers)  # [A, B, T] leaves
+    abstract = nnx.eval_shape(
+        lambda: (m := mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0)), train.make_optimizer(m, tc))
+    )
+    graphdef, state = nnx.split(abstract)
+    loss_fn = sft.make_loss_fn(cfg, tc, packing=config.sft.packing)
+    step = train.make_train_step(graphdef, cfg, tc, loss_fn=loss_fn)
+    _, metrics = jax.eval_shape(step, state, batch)
+    assert metrics["ce"].shape == ()
+
+
+def test_post_training_full_size_is_the_shipped_config():
+    """The full-size notebook runs configs/rl_tiny.py as ``main.py --mode=rl`` would."""
+    assert sizes.post_training(False).to_dict() == rl_tiny.get_config().to_dict()

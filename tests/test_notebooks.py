@@ -29,6 +29,7 @@ NOTEBOOKS = {
     "03_attention_kernels.ipynb": ["03_mask", "03_sink", "03_timing"],
     "04_sharding.ipynb": ["04_shardings", "04_memory"],
     "05_checkpoint_on_a_mesh.ipynb": ["05_expert_shards"],
+    "06_post_training.ipynb": ["06_reward", "06_r3"],
 }
 
 
@@ -97,6 +98,10 @@ def test_figure_functions(tmp_path, monkeypatch):
             {"no sink": weights / weights.sum(-1, keepdims=True), "sink": weights}
         ),
         "timing": figures.plot_timing([128, 256], {"swa": [1.0, 2.0], "full": [1.0, 4.0]}),
+        "reward": figures.plot_reward_curve(t, t / 10, (t, t / 8), sft_heldout=(t, t / 20)),
+        "r3": figures.plot_routing_replay(
+            t, {"kl": 1e-3 / t, "share": 0 * t}, {"kl": 1e-2 / t, "share": t / 100}
+        ),
     }
     for stem, fig in made.items():
         path = figures.save_figure(fig, stem)
