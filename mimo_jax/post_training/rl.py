@@ -226,6 +226,7 @@ def _rl(config, workdir, cfg, task, tokenizer, init_from) -> dict[str, float]:
             micro = {k: sh.put_batch(v[None], batch_dim=1) for k, v in host.items()}
             state, m = train_step(state, micro)
             step_metrics.append(m)
+        jax.block_until_ready(state)  # dispatch is asynchronous: time the updates themselves
         timer.add("train_s", t0)
         if log:
             m = jax.device_get(step_metrics)
