@@ -48,16 +48,19 @@ def get_config():
     c.task.options = ml_collections.ConfigDict({"min_digits": 3, "max_digits": 5})
 
     # SFT (--mode=sft, and the warm-up of --mode=rl): the optimizer and loop fields of
-    # config.train, data from config.sft.
-    c.train.steps = 300
-    c.train.batch_size = 32
+    # config.train, data from config.sft. Sized to stop part-way up the learning curve, with
+    # greedy held-out success near 20% (19-22% over seeds 0-2, ~25 s on 2 CPU cores), so that RL
+    # has room to improve it; 300 steps would reach ~98%. Batch 64 (not 32) makes the end point
+    # stable across seeds.
+    c.train.steps = 130
+    c.train.batch_size = 64
     c.train.seq_len = 24
     c.train.lr = 3e-3
     c.train.warmup_steps = 30
     c.train.bias_update_rate = 1e-2
-    c.train.log_every = 50
-    c.train.eval_every = 100
-    c.train.checkpoint_every = 100
+    c.train.log_every = 10
+    c.train.eval_every = 10  # held-out success curve: ~0.3 s per evaluation
+    c.train.checkpoint_every = 50
     c.train.sample_len = 0
     c.sft = ml_collections.ConfigDict()
     c.sft.data = "task"  # "task": config.task's synthetic SFT split; else a JSONL path
