@@ -381,6 +381,7 @@ class MiMoV2Flash(nnx.Module):
         mtp: bool = True,
         logits: bool = True,
         segment_ids: jax.Array | None = None,
+        mtp_detached: bool = False,
     ) -> ModelOutput:
         """Forward pass over whole sequences (training, evaluation, parity checks).
 
@@ -397,6 +398,9 @@ class MiMoV2Flash(nnx.Module):
             example, 0 on padding; ``positions`` restarting per example): every attention, MTP
             layers included, stays within a segment, so each example's outputs are those it has
             alone. Needs ``attention_impl="xla"``.
+          mtp_detached: run the MTP chain on the trunk's outputs with no gradient into the
+            trunk, the embedding or the output head, so an MTP loss trains only the MTP layers
+            (RL's MTP loss on the policy's own samples must not move the policy).
 
         Returns:
           ModelOutput (logits in fp32).
@@ -411,25 +415,31 @@ class MiMoV2Flash(nnx.Module):
         hidden = self.norm(h)
         mtp_logits, mtp_hidden = [], []
         if mtp:
-            h_prev = hidden
+            h_prev, embed, head = hidden, self.embed_tokens, self.lm_head
+            if mtp_detached:
+                h_prev, embed, head = jax.lax.stop_gradient(hidden), _frozen(embed), _frozen(head)
             for k, layer in enumerate(self.mtp):
                 # Depth k at position i consumes token i+k+1 (and that token's position). The
                 # wrapped tail positions have no label and are masked out of the loss. Packed,
                 # position i keeps its segment: where token i+k+1 is in the next example the
                 # label is masked (sft_data.mtp_targets), and no query with a label sees it.
                 ids_k = jnp.roll(input_ids, -(k + 1), axis=1)
-                h_prev, _ = layer(
-                    self.embed_tokens(ids_k), h_prev, positions + k + 1, segment_ids=segment_ids
-                )
+                h_prev, _ = layer(embed(ids_k), h_prev, positions + k + 1, segment_ids=segment_ids)
                 mtp_hidden.append(h_prev)
                 if logits:
-                    mtp_logits.append(self.logits(h_prev))
+                    mtp_logits.append(head(h_prev).astype(jnp.float32))
         main_logits = self.logits(hidden) if logits else None  # [B, T, V]
         return ModelOutput(main_logits, tuple(mtp_logits), hidden, tuple(mtp_hidden), aux)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The untied output head: post-norm hidden [..., D] -> fp32 logits [..., V]."""
         return self.lm_head(hidden).astype(jnp.float32)
+
+
+def _frozen(module: nnx.Module) -> nnx.Module:
+    """A copy of ``module`` whose weights carry no gradient (shared layers used only as inputs)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
 
 
 def _sliced_attention(stacked: DecoderLayer, cfg: ModelConfig) -> Attention:

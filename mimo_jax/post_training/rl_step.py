@@ -78,13 +78,15 @@ def policy_forward(
       sampling: the rollout's temperature / top-k: log-probs are of the distribution the tokens
         were sampled from (``sampling.token_logprobs``).
       replay: replay the rollout's experts (R3) instead of routing afresh.
-      mtp: also run the MTP chain.
+      mtp: also run the MTP chain (detached from the trunk, embedding and head).
 
     Returns:
       (logp fp32 [B, S - 1], logits fp32 [B, S - 1, V], model output).
     """
     tokens = batch["tokens"]
-    out = model(tokens[:, :-1], routing=replayed(batch, replay), mtp=mtp)
+    # The MTP chain sees the trunk detached: its loss on the policy's own samples trains the
+    # draft layers and leaves the policy to the policy-gradient terms.
+    out = model(tokens[:, :-1], routing=replayed(batch, replay), mtp=mtp, mtp_detached=True)
     logp = token_logprobs(out.logits, tokens[:, 1:], sampling)
     return logp, out.logits, out
 
