@@ -70,7 +70,7 @@ def get_config():
 
     # On-policy RL (--mode=rl).
     c.rl = ml_collections.ConfigDict()
-    c.rl.steps = 200
+    c.rl.steps = 800
     c.rl.prompts_per_step = 16  # P
     c.rl.group_size = 8  # G samples per prompt
     c.rl.max_new_tokens = 8
@@ -103,7 +103,7 @@ def get_config():
     # the same expert biases the rollout engine used.
     c.rl.bias_update_rate = 0.0
     c.rl.log_every = 10
-    c.rl.heldout_every = 25
+    c.rl.heldout_every = 50
     c.rl.heldout_prompts = 200
     c.rl.checkpoint_every = 50
     c.rl.keep_checkpoints = 2
