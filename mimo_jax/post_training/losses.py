@@ -251,3 +251,64 @@ def importance_weights(
     weights = jnp.where(kept, ratio, 0.0)
     masked_share = masked_mean((valid & ~kept).astype(jnp.float32), mask)
     return weights, masked_share
+
+
+def mopd_loss(
+    logp: jax.Array,
+    teacher_logp: jax.Array,
+    rollout_logp: jax.Array,
+    mask: jax.Array,
+    *,
+    eps_low: float,
+    eps_high: float,
+    alpha: float = 0.0,
+    orm_advantages: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Multi-teacher on-policy distillation surrogate (the technical report's eqs. 7-9).
+
+    Per response token t of a sequence y sampled by the rollout engine (mu):
+
+      A_t = sg[log pi_teacher(y_t) - log pi(y_t)] + alpha * A_ORM         (eq. 9)
+      w_t = sg[pi(y_t) / mu(y_t)]  if eps_low <= pi / mu <= eps_high, else 0   (eq. 8)
+      L   = -mean_over_B[ (1 / |y|) * sum_t w_t * A_t * log pi(y_t) ]    (eq. 7)
+
+    The first advantage term is the per-token reverse-KL reward of the prompt's domain teacher;
+    A_ORM, the outcome advantage (e.g. ``group_advantages`` of the verifier's rewards), is
+    broadcast over the response, and 0 where a domain has no verifier. There is no ratio clip:
+    the masked weight plays that role. Each sequence is normalised by its own response length
+    |y| (its mask sum); the mean is over all B rows, a row without response tokens adding 0.
+
+    Args:
+      logp: [B, T] the student's log-probs of the sampled tokens (training forward).
+      teacher_logp: [B, T] the prompt's teacher's log-probs of the same tokens (constant).
+      rollout_logp: [B, T] the log-probs the rollout engine recorded (constant).
+      mask: [B, T] response-token mask.
+      eps_low: smallest kept ratio pi / mu.
+      eps_high: largest kept ratio pi / mu.
+      alpha: weight of the outcome advantage.
+      orm_advantages: [B] per-sequence outcome advantages (required when alpha != 0).
+
+    Returns:
+      (loss [], metrics): ``reverse_kl`` (token mean over the mask of log pi - log pi_teacher,
+      the k1 estimate of KL(pi || pi_teacher) on the student's samples), ``masked_share``
+      (share of response tokens whose weight eq. 8 zeroed) and ``advantage_mean``.
+    """
+    if alpha and orm_advantages is None:
+        raise ValueError("mopd_loss: alpha != 0 needs orm_advantages")
+    if not 0 < eps_low <= 1 <= eps_high:
+        raise ValueError(f"mopd_loss: need 0 < eps_low <= 1 <= eps_high, got {eps_low}, {eps_high}")
+    weights, masked_share = importance_weights(
+        logp, rollout_logp, mask, low=eps_low, high=eps_high
+    )  # [B, T], []
+    reverse_kl_reward = _log_ratio(jax.lax.stop_gradient(teacher_logp), logp, mask)  # [B, T]
+    adv = jax.lax.stop_gradient(reverse_kl_reward)
+    if alpha:
+        adv = adv + alpha * orm_advantages.astype(jnp.float32)[:, None]
+    per_token = -weights * adv * jnp.where(mask > 0, logp.astype(jnp.float32), 0.0)
+    loss = aggregate(per_token, mask, "seq-mean-token-mean")
+    metrics = {
+        "reverse_kl": masked_mean(-reverse_kl_reward, mask),
+        "masked_share": masked_share,
+        "advantage_mean": masked_mean(adv, mask),
+    }
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
