@@ -91,6 +91,16 @@ COVERAGE = {
         "test_cli.py::test_import_export_round_trip",
         "test_chat.py::test_render_and_ids_equal_transformers",
     ),
+    "python main.py --mode=sft --config=configs/rl_tiny.py --workdir=runs/sft_tiny": ByTests(
+        "test_sft.py::test_sft_command", "test_rl.py::test_cli_rl_runs_and_names_bad_fields"
+    ),
+    "python main.py --mode=rl --config=configs/rl_tiny.py --workdir=runs/rl_tiny": ByTests(
+        "test_rl.py::test_cli_rl_runs_and_names_bad_fields",
+        "test_rl.py::test_resume_follows_the_uninterrupted_run",
+    ),
+    "python bench/rl_routing.py --workdir=runs/rl_routing": ByTests(
+        "test_bench_rl_routing.py::test_rl_routing_smoke"
+    ),
     "python bench/attention.py": Run(
         ("--quick", "--seqs=128,256", "--repeats=1", "--out={tmp}/attention.json"), "ratios are T="
     ),
