@@ -1,4 +1,4 @@
-"""The post-training policy: the run's task, and its model initialised from ``config.init_from``.
+"""The post-training policy: the run's tasks, and its model initialised from ``config.init_from``.
 
 SFT and RL start from a pre-trained workdir (or an SFT workdir), an HF checkpoint directory, or
 random weights. Only the model state (parameters and the router's expert biases) is taken from
@@ -6,6 +6,7 @@ the source, never its optimizer state: a post-training run starts its own optimi
 """
 
 import dataclasses
+import math
 import os
 
 import ml_collections
@@ -35,6 +36,47 @@ def task_from_config(config: ml_collections.ConfigDict) -> tasks.Task:
         return tasks.get_task(name, **options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.task.name={name!r} with options {options}: {e}") from e
+
+
+def mixture_from_config(config: ml_collections.ConfigDict) -> tasks.Mixture:
+    """The run's prompt sources: ``config.domains`` if non-empty, else ``config.task`` alone.
+
+    Each ``config.domains.<domain>`` holds ``task`` (a ``tasks.TASKS`` name), ``options``
+    (keyword options of that task, may be absent) and ``weight`` (prompt-sampling weight > 0,
+    default 1.0); other fields of an entry are left to their readers. Domains come in the order
+    ``ConfigDict`` iterates them: sorted by name.
+
+    Returns:
+      the mixture; without ``config.domains``, the one domain ``config.task.name`` with the task
+      of ``task_from_config`` (so it draws exactly that task's prompts and SFT rows).
+
+    Raises:
+      ValueError: naming the bad field (``config.domains.<domain>.task`` and so on).
+    """
+    domains = config.get("domains")
+    if not domains:
+        return tasks.Mixture({config.task.name: task_from_config(config)})
+    if not isinstance(domains, ml_collections.ConfigDict):
+        raise ValueError(f"config.domains={domains!r} must be a ConfigDict of domains")
+    by_domain, weights = {}, {}
+    for domain, entry in domains.items():
+        field = f"config.domains.{domain}"
+        if not isinstance(entry, ml_collections.ConfigDict) or not entry.get("task"):
+            raise ValueError(f"{field} must be a ConfigDict with a task name, got {entry!r}")
+        name, options = entry.task, dict(entry.get("options") or {})
+        try:
+            by_domain[domain] = tasks.get_task(name, **options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{field}.task={name!r} with options {options}: {e}") from e
+        weight = entry.get("weight", 1.0)
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not 0 < weight < math.inf
+        ):
+            raise ValueError(f"{field}.weight={weight!r} must be a finite number > 0")
+        weights[domain] = float(weight)
+    return tasks.Mixture(by_domain, weights)
 
 
 def init_model(

@@ -1,7 +1,8 @@
 """Supervised fine-tuning (``main.py --mode=sft``): the loss on response tokens only.
 
 ``run(config, workdir)`` trains on prompt/response examples (``config.sft.data``: the synthetic
-SFT split of ``config.task`` or a JSONL file, ``sft_data``) with the pre-training loop
+SFT split of the run's tasks, ``policy.mixture_from_config``, or a JSONL file, ``sft_data``) with
+the pre-training loop
 (``train.run_loop``), so it keeps pre-training's guarantees: batches are a pure function of
 (seed, step), a killed run resumes from its workdir's latest checkpoint onto the same curve,
 checkpoints every ``config.train.checkpoint_every`` steps and at the end, metrics every
@@ -66,18 +67,22 @@ def check_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
 
 def load_dataset(
     config: ml_collections.ConfigDict, tokenizer: data.Tokenizer
-) -> tuple[sft_data.SFTDataset, tasks.Task | None]:
+) -> tuple[sft_data.SFTDataset, tasks.Mixture | None]:
     """The run's SFT examples, tokenised: ``config.sft.data`` = "task" or a JSONL path.
 
+    "task" takes ``num_examples`` rows of the mixture of ``config.domains`` (split by weight)
+    or, without domains, of ``config.task`` alone (exactly ``task.sft_examples``'s rows).
+
     Returns:
-      (the dataset, the task whose held-out success is measured; None for JSONL data).
+      (the dataset, the mixture whose held-out success is measured; None for JSONL data).
     """
     sc = config.sft
-    task, source = None, sc.data
+    mixture, source = None, sc.data
     if sc.data == "task":
-        # Through the Task, not load_examples("task:..."): config.task.options apply.
-        task = policy.task_from_config(config)
-        rows, source = task.sft_examples(config.seed, sc.num_examples), f"task:{task.name}"
+        # Through the Task, not load_examples("task:..."): the configured options apply.
+        mixture = policy.mixture_from_config(config)
+        rows = mixture.sft_examples(config.seed, sc.num_examples)
+        source = "task:" + "+".join(mixture.domains)
     else:
         try:
             rows = sft_data.load_examples(sc.data, num_examples=sc.num_examples)
@@ -85,7 +90,7 @@ def load_dataset(
             raise ValueError(
                 f'config.sft.data={sc.data!r} is neither "task" nor a readable JSONL file: {e}'
             ) from e
-    return sft_data.SFTDataset(rows, tokenizer, config.train.seq_len, source=source), task
+    return sft_data.SFTDataset(rows, tokenizer, config.train.seq_len, source=source), mixture
 
 
 def host_batch(
@@ -162,13 +167,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """SFT of ``config.init_from`` (or random weights) on ``config.sft.data``, into ``workdir``.
 
     Args:
-      config: ml_collections config with ``model``, ``task``, ``train`` (optimizer and loop)
-        and ``sft`` (data, num_examples, packing, heldout_prompts); see configs/rl_tiny.py.
+      config: ml_collections config with ``model``, ``task`` (or ``domains``: a mixture),
+        ``train`` (optimizer and loop) and ``sft`` (data, num_examples, packing,
+        heldout_prompts); see configs/rl_tiny.py.
       workdir: run directory for ``model_config.json``, checkpoints and metrics; a run there
         resumes from its latest checkpoint.
 
     Returns:
-      The last logged metrics (with ``heldout_success`` when the data is the task's).
+      The last logged metrics (with ``heldout_success`` when the data is the tasks'; with
+      several domains also ``heldout_success_<domain>`` each, ``heldout_success`` their mean).
     """
     tc = config.train
     cfg = model_config(config)
@@ -177,16 +184,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     check_config(config, cfg)
     tokenizer = data.load_tokenizer(config.data.tokenizer or None)
     check_tokenizer_fits(cfg, tokenizer)
-    dataset, task = load_dataset(config, tokenizer)
+    dataset, mixture = load_dataset(config, tokenizer)
     _check_workdir(workdir)
     _check_same_model(workdir, cfg)
     mesh = sh.make_mesh(config.mesh.shape)
     with sh.use_mesh(mesh, config.mesh.rules):
         check_batch_shards(config, mesh)
-        return _sft(config, workdir, cfg, tokenizer, dataset, task)
+        return _sft(config, workdir, cfg, tokenizer, dataset, mixture)
 
 
-def _sft(config, workdir, cfg, tokenizer, dataset, task) -> dict[str, float]:
+def _sft(config, workdir, cfg, tokenizer, dataset, mixture) -> dict[str, float]:
     """The loop of ``run``, under the run's mesh and rules."""
     tc, sc = config.train, config.sft
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
@@ -206,15 +213,22 @@ def _sft(config, workdir, cfg, tokenizer, dataset, task) -> dict[str, float]:
         f"{workdir}: " + (f"resuming at step {start}" if start else "new run")
         + f"; metrics every {tc.log_every} steps in metrics.jsonl"
     )  # fmt: skip
-    heldout = task is not None and sc.heldout_prompts > 0
+    heldout = mixture is not None and sc.heldout_prompts > 0
 
     def eval_fn():
         if not heldout:
             return {}
-        success = rollout.heldout_success(
-            model, task, tokenizer, num_prompts=sc.heldout_prompts, prompt_len=rollout.PROMPT_LEN
-        )
-        return {"heldout_success": success}
+        success = {
+            domain: rollout.heldout_success(
+                model, mixture.task(domain), tokenizer, num_prompts=sc.heldout_prompts,
+                prompt_len=rollout.PROMPT_LEN,
+            )
+            for domain in mixture.domains
+        }  # fmt: skip
+        if len(success) == 1:
+            return {"heldout_success": success[mixture.domains[0]]}
+        metrics = {f"heldout_success_{d}": s for d, s in success.items()}
+        return {**metrics, "heldout_success": sum(success.values()) / len(success)}
 
     return run_loop(
         model, opt, cfg, tc, workdir=workdir, ckpt=ckpt, progress=progress, start=start,

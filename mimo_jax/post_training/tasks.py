@@ -21,10 +21,14 @@ A task is the reward side of RL with verifiable rewards (docs/post_training.md, 
 Prompts stay under 32 bytes and answers under 8, so a byte-level tiny model (``ByteTokenizer``)
 can run RL on them on CPU. Small verifiable tasks like these (digit reversal, sums, countdown)
 are the usual end-to-end test of an RL pipeline: TinyZero, the torchtitan RL example, prime-rl.
+
+A ``Mixture`` maps domains to tasks with prompt-sampling weights, so that SFT, RL and MOPD draw
+from several tasks at once; a one-domain mixture draws exactly the plain task's prompts and rows.
 """
 
 import abc
 import dataclasses
+import fractions
 import math
 import re
 import zlib
@@ -307,3 +311,131 @@ def success_rate(task: Task, completions_by_prompt: Mapping[str, Sequence[str]])
     if not scores:
         raise ValueError(f"task {task.name!r}: success_rate of no completions")
     return sum(scores) / len(scores)
+
+
+class Mixture:
+    """Domains -> verifiable tasks, with prompt-sampling weights.
+
+    Every draw is a pure function of its seed: ``counts(n)`` splits ``n`` by weight, and each
+    domain draws its share from its own task with a seed derived from (seed, domain index). A
+    one-domain mixture passes the seed through unchanged and does not shuffle, so it yields
+    exactly the task's own prompts and SFT rows.
+
+    Attributes:
+      domains: the domain names, in the order of the ``tasks`` mapping.
+      weights: {domain: weight}, every weight finite and > 0 (not normalised).
+    """
+
+    def __init__(self, tasks: Mapping[str, Task], weights: Mapping[str, float] | None = None):
+        """Builds the mixture.
+
+        Args:
+          tasks: {domain: task}, at least one; domains keep the mapping's order.
+          weights: {domain: weight > 0} with exactly the keys of ``tasks``; None: equal weights.
+
+        Raises:
+          ValueError: naming the domain of a bad name, task or weight, or a missing or extra
+            weight.
+        """
+        if not tasks:
+            raise ValueError("a Mixture needs at least one domain")
+        for domain, task in tasks.items():
+            if not isinstance(domain, str) or not domain:
+                raise ValueError(f"domain names must be non-empty strings, got {domain!r}")
+            if not isinstance(task, Task):
+                raise ValueError(f"domain {domain!r}: expected a Task, got {type(task).__name__}")
+        self.domains: tuple[str, ...] = tuple(tasks)
+        self._tasks = dict(tasks)
+        if weights is None:
+            weights = dict.fromkeys(self.domains, 1.0)
+        for domain in self.domains:
+            if domain not in weights:
+                raise ValueError(f"weights have no entry for domain {domain!r}")
+        for domain, w in weights.items():
+            if domain not in self._tasks:
+                raise ValueError(
+                    f"weights name domain {domain!r}, not one of the domains {self.domains}"
+                )
+            if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
+                raise ValueError(
+                    f"weight of domain {domain!r} must be a finite number > 0, got {w!r}"
+                )
+        self.weights: dict[str, float] = {d: float(weights[d]) for d in self.domains}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{d}: {self._tasks[d]!r} x{self.weights[d]:g}" for d in self.domains)
+        return f"Mixture({parts})"
+
+    def task(self, domain: str) -> Task:
+        """The task of ``domain``; ValueError naming it and the known domains if unknown."""
+        if domain not in self._tasks:
+            raise ValueError(f"unknown domain {domain!r}; known domains: {', '.join(self.domains)}")
+        return self._tasks[domain]
+
+    def counts(self, n: int) -> dict[str, int]:
+        """A deterministic split of ``n`` draws by weight.
+
+        Largest remainder: each domain gets the floor of its exact share ``n * w / sum(w)``
+        (computed in exact rational arithmetic, so float rounding cannot break ties), and the
+        rest go one each to the largest fractional parts, ties to the earlier domain.
+
+        Args:
+          n: number of draws, >= 0.
+
+        Returns:
+          {domain: count} in ``domains`` order, summing to ``n``.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        weights = [fractions.Fraction(self.weights[d]) for d in self.domains]
+        total = sum(weights)
+        shares = [n * w / total for w in weights]
+        counts = [math.floor(s) for s in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda i: (counts[i] - shares[i], i))
+        for i in by_remainder[: n - sum(counts)]:
+            counts[i] += 1
+        return dict(zip(self.domains, counts, strict=True))
+
+    def _domain_seed(self, seed: int, index: int) -> int:
+        """The seed of domain ``index``'s draws: ``seed`` itself for a one-domain mixture."""
+        if len(self.domains) == 1:
+            return seed
+        # 31 bits, like the RL loop's step seeds: a valid seed for every task.
+        return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
+
+    def train_prompts(self, seed: int, n: int) -> list[tuple[str, str]]:
+        """``n`` RL prompts, ``counts(n)[d]`` from each domain's train split; pure in ``seed``.
+
+        Args:
+          seed: a non-negative int (e.g. the RL loop's per-step seed).
+          n: number of prompts.
+
+        Returns:
+          (domain, prompt) pairs grouped by domain in ``domains`` order, each domain's prompts
+          ``task.train_prompts(<seed of (seed, domain index)>, count)``.
+        """
+        out = []
+        for i, (domain, k) in enumerate(self.counts(n).items()):
+            prompts = self._tasks[domain].train_prompts(self._domain_seed(seed, i), k)
+            out += [(domain, p) for p in prompts]
+        return out
+
+    def sft_examples(self, seed: int, n: int) -> list[dict[str, str]]:
+        """A synthetic warm-up set: ``counts(n)[d]`` SFT-split examples of each domain.
+
+        Args:
+          seed: a non-negative int.
+          n: number of examples.
+
+        Returns:
+          ``{"prompt", "response", "domain"}`` rows (``domain``: the mixture's domain key), in
+          an order shuffled by ``seed``; a one-domain mixture keeps the task's own order.
+        """
+        rows = []
+        for i, (domain, k) in enumerate(self.counts(n).items()):
+            examples = self._tasks[domain].sft_examples(self._domain_seed(seed, i), k)
+            rows += [{**row, "domain": domain} for row in examples]
+        if len(self.domains) == 1:
+            return rows
+        order = np.random.default_rng([zlib.crc32(b"mixture|sft"), seed]).permutation(len(rows))
+        return [rows[i] for i in order]
