@@ -8,6 +8,7 @@ python main.py --config=configs/tiny.py --workdir=runs/tiny        # train (defa
 python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
 python main.py --mode=sft --config=configs/rl_tiny.py --workdir=runs/sft_tiny
 python main.py --mode=rl --config=configs/rl_tiny.py --workdir=runs/rl_tiny     # SFT warm-up + RL
+python main.py --mode=mopd --config=configs/mopd_tiny.py --workdir=runs/mopd    # distil teachers
 python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_tokens=3
 python main.py --mode=generate --workdir=runs/imported --chat --prompt='Hello'
 python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
@@ -37,10 +38,10 @@ import mimo_jax
 import process_setup
 from mimo_jax import chat, checkpoint, data, hf, sharding, train
 from mimo_jax.generate import generate
-from mimo_jax.post_training import rl, sft
+from mimo_jax.post_training import mopd, rl, sft
 
 PROG = "main.py"
-MODES = ("train", "eval", "generate", "import_hf", "export_hf", "sft", "rl")
+MODES = ("train", "eval", "generate", "import_hf", "export_hf", "sft", "rl", "mopd")
 # A hub directory's tokenizer: vocabulary, special tokens, chat template, stop ids.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", chat.TEMPLATE_FILE)  # fmt: skip
@@ -229,7 +230,7 @@ def run(argv):
     if not FLAGS.workdir and not (FLAGS.mode == "generate" and FLAGS.hf_dir):
         either = " or --hf_dir" if FLAGS.mode == "generate" else ""
         raise ValueError(f"--mode={FLAGS.mode} needs --workdir{either}")
-    if FLAGS.mode in ("train", "eval", "sft", "rl") and FLAGS.config.keep_freed_memory:
+    if FLAGS.mode in ("train", "eval", "sft", "rl", "mopd") and FLAGS.config.keep_freed_memory:
         process_setup.keep_freed_memory()  # before the backend starts its threads
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Before anything touches a device: every process then sees the global device list.
@@ -246,6 +247,8 @@ def run(argv):
         sft.run(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "rl":
         rl.run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "mopd":
+        mopd.run(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
         metrics = train.eval_only(FLAGS.config, FLAGS.workdir)
         print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))

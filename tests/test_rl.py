@@ -28,6 +28,7 @@ CFG = mimo_jax.tiny(
     num_layers=3, num_mtp_layers=1, initializer_range=0.1, max_position_embeddings=64
 )
 TASK = tasks.get_task("digit_reversal", min_digits=3, max_digits=4)
+MIXTURE = tasks.Mixture({"digit_reversal": TASK})
 SAMPLING = Sampling(1.0, 0, 1.0)
 
 
@@ -40,7 +41,7 @@ def _rl_config(**rl_fields):
 def _rollout_batch(model, rc):
     """bf16 rollouts of ``model`` on 4 prompts x 2 samples, as the loop builds them (NumPy)."""
     roll = rollout.rollout_model(model, "bfloat16")
-    ro = rl._sample(roll, TASK, ByteTokenizer(), rc, seed=0, step=0)
+    ro, _ = rl._sample(roll, MIXTURE, ByteTokenizer(), rc, seed=0, step=0)
     rewards = np.arange(len(ro.prompts), dtype=np.float32) % 3  # distinct within each group
     return rl_step.build_batch(ro, rewards, rc)
 
@@ -172,7 +173,7 @@ class _BrokenTask(tasks.DigitReversal):
 
 def test_task_error_names_task_and_prompt():
     model, _ = _build(CFG, _rl_config())
-    ro = rl._sample(model, TASK, ByteTokenizer(), _rl_config(), seed=0, step=0)
+    ro, _ = rl._sample(model, MIXTURE, ByteTokenizer(), _rl_config(), seed=0, step=0)
     with pytest.raises(ValueError, match=r"digit_reversal.*rev \d+="):
         rl.score(_BrokenTask(), ro)
 

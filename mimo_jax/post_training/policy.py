@@ -104,18 +104,7 @@ def init_model(
         saved = checkpoint.load_model_config(init_from)
         # Weights are stored per leaf and cast on restore: their storage dtype may differ.
         _check_architecture(dataclasses.replace(saved, param_dtype=cfg.param_dtype), cfg, init_from)
-        model = sh.create_model(cfg, config.seed)
-        ckpt = checkpoint.Checkpointer(init_from)
-        try:
-            if ckpt.latest_step() is None:
-                raise ValueError(
-                    f"config.init_from={init_from!r} holds {checkpoint.CONFIG_FILE} but no "
-                    f"checkpoint in {ckpt.directory}"
-                )
-            ckpt.restore(model)  # the model item only: the source's optimizer state stays
-        finally:
-            ckpt.close()
-        return model
+        return restore_workdir(init_from, cfg, where=f"config.init_from={init_from!r}")
     if os.path.isfile(os.path.join(init_from, "config.json")):
         model = hf.load_hf(init_from, **{f: getattr(cfg, f) for f in _RUNTIME_FIELDS})
         _check_architecture(model.cfg, cfg, init_from)
@@ -125,6 +114,31 @@ def init_model(
         f"{checkpoint.CONFIG_FILE} and checkpoints) or an HF checkpoint directory (with "
         "config.json and *.safetensors)"
     )
+
+
+def restore_workdir(workdir: str, cfg: ModelConfig, *, where: str) -> MiMoV2Flash:
+    """A model of ``cfg``, sharded under the current mesh, holding ``workdir``'s latest model
+    state (parameters and router biases; the optimizer state is not read).
+
+    Args:
+      workdir: a mimo-jax workdir with checkpoints.
+      cfg: the model config to build (the workdir's architecture, any dtype).
+      where: the config field that named ``workdir``, for errors.
+
+    Raises:
+      ValueError: naming ``where`` when the workdir holds no checkpoint.
+    """
+    model = sh.create_model(cfg, 0)
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        if ckpt.latest_step() is None:
+            raise ValueError(
+                f"{where} holds {checkpoint.CONFIG_FILE} but no checkpoint in {ckpt.directory}"
+            )
+        ckpt.restore(model)  # the model item only: the source's optimizer state stays
+    finally:
+        ckpt.close()
+    return model
 
 
 def _check_architecture(source: ModelConfig, cfg: ModelConfig, init_from: str) -> None:

@@ -19,6 +19,7 @@ docs/post_training.md describes the metrics.
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -100,20 +101,25 @@ def _optimizer_fields(rc: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return oc
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, teachers_from: Callable | None = None
+) -> dict[str, float]:
     """On-policy RL from ``config.init_from`` (or the SFT warm-up), resuming from ``workdir``.
 
     Args:
-      config: ml_collections config with ``task``, ``rl`` (and ``train`` / ``sft`` for the
-        warm-up); see configs/rl_tiny.py.
+      config: ml_collections config with ``task`` (or ``domains``: a mixture of tasks), ``rl``
+        (and ``train`` / ``sft`` for the warm-up); see configs/rl_tiny.py.
       workdir: run directory: ``model_config.json``, checkpoints, ``metrics.jsonl`` (and
         ``sft/`` for the warm-up).
+      teachers_from: MOPD (``mopd.run``): ``teachers_from(mixture, tokenizer, init_from)``
+        returns the domain teachers whose log-probs replace the GRPO objective by the MOPD one
+        (``rl_step.make_loss_fn``).
 
     Returns:
       The last logged metrics.
     """
     cfg = model_config(config)
-    task = policy.task_from_config(config)
+    mixture = policy.mixture_from_config(config)
     tokenizer = data.load_tokenizer(config.data.tokenizer or None)
     mesh = sh.make_mesh(config.mesh.shape)
     with sh.use_mesh(mesh, config.mesh.rules):
@@ -126,7 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         print(f"SFT warm-up in {init_from} (config.init_from is empty)", flush=True)
         sft.run(config, init_from)
     with sh.use_mesh(mesh, config.mesh.rules):
-        return _rl(config, workdir, cfg, task, tokenizer, init_from)
+        teachers = teachers_from and teachers_from(mixture, tokenizer, init_from)
+        return _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers)
 
 
 class _Timer:
@@ -143,25 +150,54 @@ class _Timer:
         return out
 
 
-def _sample(roll, task, tokenizer, rc, seed: int, step: int) -> rollout.Rollouts:
-    """Step ``step``'s rollouts: G samples of each of P prompts, all a function of (seed, step)."""
-    prompts = task.train_prompts(step_seed(seed, step, _PROMPT_STREAM), rc.prompts_per_step)
-    return rollout.sample(
-        roll, tokenizer, [p for p in prompts for _ in range(rc.group_size)],
+def _sample(roll, mixture, tokenizer, rc, seed: int, step: int):
+    """Step ``step``'s rollouts: G samples of each of P prompts, all a function of (seed, step).
+
+    Returns:
+      (Rollouts, the domain of each row): rows grouped by prompt, prompts by domain.
+    """
+    pairs = mixture.train_prompts(step_seed(seed, step, _PROMPT_STREAM), rc.prompts_per_step)
+    domains = [d for d, _ in pairs for _ in range(rc.group_size)]
+    ro = rollout.sample(
+        roll, tokenizer, [p for _, p in pairs for _ in range(rc.group_size)],
         prompt_len=rollout.PROMPT_LEN, max_new_tokens=rc.max_new_tokens,
         temperature=rc.temperature, top_k=rc.top_k, seed=step_seed(seed, step, _SAMPLE_STREAM),
         num_draft_tokens=rc.num_draft_tokens,
     )  # fmt: skip
+    return ro, domains
 
 
-def score(task: tasks.Task, ro: rollout.Rollouts) -> np.ndarray:
-    """float32 [B] verifier rewards; a task that raises or returns a non-finite value stops
-    the run with a ValueError naming the task and the prompt (``tasks.checked_reward``)."""
-    pairs = zip(ro.prompts, ro.completions, strict=True)
-    return np.array([tasks.checked_reward(task, p, c) for p, c in pairs], np.float32)
+def score(
+    source: tasks.Task | tasks.Mixture, ro: rollout.Rollouts, domains: list[str] | None = None
+) -> np.ndarray:
+    """float32 [B] verifier rewards.
+
+    Args:
+      source: the task of every row, or a mixture whose task for each row is its domain's.
+      ro: the rollouts.
+      domains: each row's domain (with a mixture).
+
+    Returns:
+      The rewards. A task that raises or returns a non-finite value stops the run with a
+      ValueError naming the task and the prompt (``tasks.checked_reward``).
+    """
+    if isinstance(source, tasks.Task):
+        row_tasks = [source] * len(ro.prompts)
+    else:
+        row_tasks = [source.task(d) for d in domains]
+    rows = zip(row_tasks, ro.prompts, ro.completions, strict=True)
+    return np.array([tasks.checked_reward(t, p, c) for t, p, c in rows], np.float32)
 
 
-def _rl(config, workdir, cfg, task, tokenizer, init_from) -> dict[str, float]:
+def _per_domain(name: str, values: np.ndarray, domains: list[str], mixture) -> dict[str, float]:
+    """``<name>_<domain>`` means of per-row ``values`` [B], for a mixture of several domains."""
+    if len(mixture.domains) < 2:
+        return {}
+    rows = np.array(domains)
+    return {f"{name}_{d}": float(values[rows == d].mean()) for d in mixture.domains}
+
+
+def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[str, float]:
     """The loop of ``run``, under the run's mesh."""
     rc = config.rl
     model = policy.init_model(config, cfg, init_from=init_from)
@@ -178,27 +214,40 @@ def _rl(config, workdir, cfg, task, tokenizer, init_from) -> dict[str, float]:
     graphdef, state = nnx.split((model, opt))
     train_step = make_train_step(
         graphdef, cfg, _optimizer_fields(rc), sh.state_shardings((model, opt)),
-        loss_fn=rl_step.make_loss_fn(cfg, rc, sampling),
+        loss_fn=rl_step.make_loss_fn(cfg, rc, sampling, config.get("mopd") if teachers else None),
     )  # fmt: skip
     logp_fn = rl_step.make_logp_fn(sampling, rc.routing_replay)
     probe = rl_step.make_r3_probe(cfg, sampling)
     writer = MetricsWriter(workdir)
     progress = Progress("rl step", rc.steps, start=start, every_s=math.inf)
+    objective = "MOPD" if teachers else "RL"
     progress.say(
-        f"RL on {task.name} from {init_from}: {rc.prompts_per_step} prompts x "
+        f"{objective} on {'+'.join(mixture.domains)} from {init_from}: "
+        f"{rc.prompts_per_step} prompts x "
         f"{rc.group_size} samples per step, {rc.rollout_dtype} rollouts, routing replay "
         f"{'on' if rc.routing_replay else 'off'}; {workdir}: "
         + (f"resuming at step {start}" if start else "new run")
     )
 
-    def heldout(model):
-        return rollout.heldout_success(
-            model, task, tokenizer, num_prompts=rc.heldout_prompts, prompt_len=rollout.PROMPT_LEN
-        )
+    def heldout(model) -> dict[str, float]:
+        scores = {
+            d: rollout.heldout_success(
+                model,
+                mixture.task(d),
+                tokenizer,
+                num_prompts=rc.heldout_prompts,
+                prompt_len=rollout.PROMPT_LEN,
+            )  # fmt: skip
+            for d in mixture.domains
+        }
+        out = {"heldout_success": float(np.mean(list(scores.values())))}
+        if len(scores) > 1:
+            out.update({f"heldout_success_{d}": v for d, v in scores.items()})
+        return out
 
     last: dict[str, float] = {}
     if start == 0:
-        last = {"heldout_success": heldout(model)}
+        last = heldout(model)
         writer.write(0, last)
         progress.say(f"step 0: heldout_success {last['heldout_success']:.3f}")
     timer, generated = _Timer(), 0.0
@@ -208,12 +257,17 @@ def _rl(config, workdir, cfg, task, tokenizer, init_from) -> dict[str, float]:
         nnx.update((model, opt), state)
         t0 = time.perf_counter()
         rollout.sync_rollout_model(roll, model)
-        ro = _sample(roll, task, tokenizer, rc, config.seed, step)
+        ro, domains = _sample(roll, mixture, tokenizer, rc, config.seed, step)
         timer.add("rollout_s", t0)
         generated += float(ro.response_mask.sum())
         t0 = time.perf_counter()
-        rewards = score(task, ro)
-        batch = {k: sh.put_batch(v) for k, v in rl_step.build_batch(ro, rewards, rc).items()}
+        rewards = score(mixture, ro, domains)
+        host_batch = rl_step.build_batch(ro, rewards, rc)
+        if teachers:
+            t1 = time.perf_counter()
+            host_batch["teacher_logp"] = teachers.logp(host_batch, domains)
+            timer.add("teacher_s", t1)
+        batch = {k: sh.put_batch(v) for k, v in host_batch.items()}
         if ref is not None:
             batch["ref_logp"] = logp_fn(ref, batch)
         if rc.updates_per_step > 1:
@@ -244,10 +298,20 @@ def _rl(config, workdir, cfg, task, tokenizer, init_from) -> dict[str, float]:
                 rollout_tokens_per_sec=generated / max(timer.s["rollout_s"], 1e-9),
             )
             generated = 0.0
-            metrics.update(timer.read())
+            metrics.update(_per_domain("reward", rewards, domains, mixture))
+            if teachers:
+                kl = teachers.reverse_kl(host_batch)  # [B] per row
+                metrics["reverse_kl"] = float(np.mean(kl))
+                metrics.update(_per_domain("reverse_kl", kl, domains, mixture))
+            times = timer.read()
+            metrics.update(times)
+            if teachers:
+                metrics["teacher_share"] = times["teacher_s"] / (
+                    times["rollout_s"] + times["train_s"]
+                )
             if done % rc.heldout_every == 0 or done == rc.steps:
                 nnx.update((model, opt), state)
-                metrics["heldout_success"] = heldout(model)
+                metrics.update(heldout(model))
             writer.write(done, metrics)
             last = metrics
             progress.update(done, _fields(metrics), force=True)

@@ -114,30 +114,42 @@ def _mtp_loss(out, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]
     return total / max(len(out.mtp_logits), 1), metrics
 
 
-def make_loss_fn(cfg: ModelConfig, rc: ml_collections.ConfigDict, sampling: Sampling):
-    """The RL ``loss_fn(model, batch) -> (loss, (metrics, expert_load))`` of a training step.
+def make_loss_fn(
+    cfg: ModelConfig,
+    rc: ml_collections.ConfigDict,
+    sampling: Sampling,
+    mopd: ml_collections.ConfigDict | None = None,
+):
+    """The ``loss_fn(model, batch) -> (loss, (metrics, expert_load))`` of an RL or MOPD step.
 
-    loss = clipped surrogate (with the eq. 8 importance weights if ``rc.importance_weights``)
-    + ``kl_weight`` * k3 KL to the reference + ``mtp_loss_weight`` * MTP CE on the responses.
-    Without ``old_logp`` in the batch (one update per rollout batch) the old policy is the
-    current one: the ratio is 1 and its gradient is the policy gradient.
+    RL: loss = clipped surrogate (with the eq. 8 importance weights if
+    ``rc.importance_weights``) + ``kl_weight`` * k3 KL to the reference. Without ``old_logp`` in
+    the batch (one update per rollout batch) the old policy is the current one: the ratio is 1
+    and its gradient is the policy gradient.
+    MOPD (``mopd`` given): loss = ``losses.mopd_loss`` with the batch's ``teacher_logp``, the
+    outcome advantages weighted by ``mopd.alpha`` and the weight bounds ``mopd.eps_low`` /
+    ``mopd.eps_high``.
+    Both add ``mtp_loss_weight`` * the MTP CE on the responses (detached from the trunk).
 
     Args:
       cfg: model config.
       rc: ``config.rl``.
       sampling: the rollout's sampling (temperature, top-k).
+      mopd: ``config.mopd`` for the distillation objective; None for RL.
     """
     dual = rc.dual_clip_c or None
     want_mtp = bool(rc.mtp_loss_weight) and cfg.num_mtp_layers > 0
 
-    def loss_fn(model, batch):
+    def objective(logp, batch):
         mask = batch["mask"]
-        logp, logits, out = policy_forward(
-            model, batch, sampling, replay=rc.routing_replay, mtp=want_mtp
-        )
+        if mopd is not None:
+            return losses.mopd_loss(
+                logp, batch["teacher_logp"], batch["rollout_logp"], mask,
+                eps_low=mopd.eps_low, eps_high=mopd.eps_high, alpha=mopd.alpha,
+                orm_advantages=batch["advantages"],
+            )  # fmt: skip
         old = batch.get("old_logp", jax.lax.stop_gradient(logp))
-        weights = None
-        metrics = {}
+        weights, metrics = None, {}
         if rc.importance_weights:
             weights, metrics["iw_masked_share"] = losses.importance_weights(
                 jax.lax.stop_gradient(logp), batch["rollout_logp"], mask,
@@ -148,12 +160,17 @@ def make_loss_fn(cfg: ModelConfig, rc: ml_collections.ConfigDict, sampling: Samp
             dual_clip_c=dual, aggregation=rc.aggregation, token_weights=weights,
         )  # fmt: skip
         metrics.update(pg_metrics)
-        metrics["pg_loss"] = pg
-        loss = pg
         if rc.kl_weight:
-            kl = losses.k3_kl(logp, batch["ref_logp"], mask, rc.aggregation)
-            metrics["kl_ref"] = kl
-            loss = loss + rc.kl_weight * kl
+            metrics["kl_ref"] = losses.k3_kl(logp, batch["ref_logp"], mask, rc.aggregation)
+            return pg + rc.kl_weight * metrics["kl_ref"], {**metrics, "pg_loss": pg}
+        return pg, {**metrics, "pg_loss": pg}
+
+    def loss_fn(model, batch):
+        mask = batch["mask"]
+        logp, logits, out = policy_forward(
+            model, batch, sampling, replay=rc.routing_replay, mtp=want_mtp
+        )
+        loss, metrics = objective(logp, batch)
         if want_mtp:
             mtp, mtp_metrics = _mtp_loss(out, batch["tokens"], mask)
             metrics.update(mtp_metrics)
