@@ -1,4 +1,4 @@
-"""Shared pieces of the JAX-vs-transformers benchmarks (``forward_vs_torch``, ``train_vs_torch``).
+"""Shared pieces of the benchmarks: JAX vs transformers helpers, timing, results.
 
 Importing this module puts the repository root on ``sys.path``, so a bench script run as
 ``python bench/<name>.py`` can then import ``mimo_jax`` and ``configs``; import it before them.
@@ -97,3 +97,20 @@ def write_json(result: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")
+
+
+def interleaved_medians(fns: dict, runs: int) -> dict:
+    """Median seconds of each ``fns[name]()`` over ``runs`` rounds that call every fn once.
+
+    Each fn runs once untimed first (compilation). Interleaving puts the configurations under the
+    same machine load, which on a shared machine moves more than any difference measured here.
+    """
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}

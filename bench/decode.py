@@ -92,23 +92,6 @@ def prompts(a: argparse.Namespace, vocab: int) -> np.ndarray:
     return ids
 
 
-def interleaved_medians(fns: dict, runs: int) -> dict:
-    """Median seconds of each ``fns[name]()`` over ``runs`` rounds that call every fn once.
-
-    Each fn runs once untimed first (compilation). Interleaving puts the configurations under the
-    same machine load, which on a shared machine moves more than any difference measured here.
-    """
-    for f in fns.values():
-        f()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def phase_fns(model, ids, a, d) -> tuple[dict, int]:
     """Callables timing the phases of ``generate`` with d drafts, and the loop's step count.
 
@@ -194,7 +177,7 @@ def time_ours(model, ids, a, drafts: list[int]) -> list[dict]:
             "loop_steps": steps,
             "tokens": np.asarray(res.tokens)[:, ids.shape[1] :],
         })  # fmt: skip
-    med = interleaved_medians(fns, a.runs)
+    med = common.interleaved_medians(fns, a.runs)
     for r in out:
         d, steps = r["num_draft_tokens"], r["loop_steps"]
         r["median_s"] = med[d, "total"]

@@ -89,23 +89,6 @@ def load_config(a: argparse.Namespace) -> ml_collections.ConfigDict:
     return config
 
 
-def interleaved_medians(fns: dict, runs: int) -> dict:
-    """Median seconds of each ``fns[name]()`` over ``runs`` rounds that call every fn once.
-
-    Each fn runs once untimed first (compilation); interleaving puts every variant under the
-    same load on a shared machine.
-    """
-    for f in fns.values():
-        f()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def ensure_sft(config: ml_collections.ConfigDict, sft_dir: str) -> float:
     """Runs the SFT warm-up into ``sft_dir`` unless it holds a checkpoint; its wall seconds."""
     if os.path.isdir(sft_dir):
@@ -182,7 +165,7 @@ def recording_cost(config, cfg, sft_dir, task, tokenizer, runs) -> dict:
             seed=seed, record=record,
         )  # fmt: skip
 
-    roll_s = interleaved_medians(
+    roll_s = common.interleaved_medians(
         {"record": lambda: sample(True), "plain": lambda: sample(False)}, runs
     )
 
@@ -208,7 +191,7 @@ def recording_cost(config, cfg, sft_dir, task, tokenizer, runs) -> dict:
             jax.block_until_ready(metrics)
 
         fns[name] = train
-    step_s = interleaved_medians(fns, runs)
+    step_s = common.interleaved_medians(fns, runs)
     return {
         "rollout_record_s": roll_s["record"],
         "rollout_plain_s": roll_s["plain"],
@@ -241,7 +224,7 @@ def speculative(config, cfg, source, task, tokenizer, drafts, runs) -> dict:
         return res
 
     counts = (0, drafts)
-    med = interleaved_medians({d: (lambda d=d: call(d)) for d in counts}, runs)
+    med = common.interleaved_medians({d: (lambda d=d: call(d)) for d in counts}, runs)
     out = {"source": source}
     for d in counts:
         res = call(d)

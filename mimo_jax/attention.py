@@ -25,10 +25,7 @@ from mimo_jax.cache import KVCache
 from mimo_jax.config import SLIDING, ModelConfig
 from mimo_jax.layers import Linear, apply_rope
 from pallas_kernels.reference import visibility_mask
-
-# Masked logits: a large finite negative instead of -inf (as pallas_kernels.xla does), so the
-# softmax and its gradient stay finite; exp(_NEG - max) is exactly 0 in fp32.
-_NEG = -1e30
+from pallas_kernels.xla import dense_attention
 
 
 def segment_attention(
@@ -60,25 +57,11 @@ def segment_attention(
     Returns:
       [B, T, N, P] in q's dtype.
     """
-    b, t, n, h = q.shape
-    kv_heads, p_dim = k.shape[2], v.shape[3]
-    g = n // kv_heads
+    b, t = segment_ids.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = visibility_mask(idx, idx, causal=True, sliding_window=sliding_window)  # [B, T, S]
     mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    q5 = q.reshape(b, t, kv_heads, g, h)  # [B, T, K, G, H]: kv heads are never repeated
-    logits = jnp.einsum("btkgh,bskh->bkgts", q5, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits * scale, _NEG)  # [B, K, G, T, S]
-    if sinks is not None:
-        sink = jnp.broadcast_to(sinks.reshape(kv_heads, g, 1, 1), (b, kv_heads, g, t, 1))
-        logits = jnp.concatenate([logits, sink], axis=-1)  # [B, K, G, T, S + 1]
-    p = jax.nn.softmax(logits, axis=-1)
-    if sinks is not None:
-        p = p[..., :-1]  # the sink column has no value vector
-    o = jnp.einsum(
-        "bkgts,bskp->btkgp", p.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )  # [B, T, K, G, P]
-    return o.reshape(b, t, n, p_dim).astype(q.dtype)
+    return dense_attention(q, k, v, sinks=sinks, mask=mask[:, None, None], scale=scale)
 
 
 class Attention(nnx.Module):

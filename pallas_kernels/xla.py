@@ -101,7 +101,7 @@ def _sink_logits(sinks: jax.Array | None, kv_heads: int, groups: int) -> jax.Arr
     return sinks.astype(jnp.float32).reshape(kv_heads, groups, 1, 1)
 
 
-def _dense_attention(
+def dense_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -270,7 +270,7 @@ def attention_xla(
         mask = visibility_mask(
             q_positions, kv_positions, causal=causal, sliding_window=sliding_window
         )  # [B, T, S]
-        return _dense_attention(q, k, v, sinks=sinks, mask=mask[:, None, None], scale=scale)
+        return dense_attention(q, k, v, sinks=sinks, mask=mask[:, None, None], scale=scale)
     if sliding_window is not None and sliding_window >= s:
         # |q_pos - k_pos| <= S - 1 < W with default positions: the window masks nothing.
         sliding_window = None
@@ -285,4 +285,4 @@ def attention_xla(
         if sliding_window is not None:
             mask &= delta < sliding_window
         mask = mask[None, None, None]  # [1, 1, 1, T, S]
-    return _dense_attention(q, k, v, sinks=sinks, mask=mask, scale=scale)
+    return dense_attention(q, k, v, sinks=sinks, mask=mask, scale=scale)
