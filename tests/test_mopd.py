@@ -166,3 +166,23 @@ def test_mopd_resume_follows_the_uninterrupted_run(teachers, tmp_path):
     pb = nnx.state(checkpoint.load_model(part), nnx.Param)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)
+
+
+def test_a_prompt_file_domain_learns_from_its_teacher_only(teachers, tmp_path):
+    """A domain of JSONL prompts (no verifier): its rows get reward 0 (tied groups, no outcome
+    advantage), its teacher still scores them, and held-out success covers the other domain."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"{a}+{a}="}) for a in range(60)) + "\n")
+    c = _config({d: p for d, (p, _) in teachers.items()}, steps=2)
+    c.domains.addition.task = "jsonl"
+    c.domains.addition.options = {"path": str(path), "response_bytes": 4}
+    c.sft.data = str(tmp_path / "sft.jsonl")  # the warm-up: reversal examples only
+    rows = mopd_tiny.get_config("teacher_reversal")
+    task = policy.task_from_config(rows)
+    (tmp_path / "sft.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in task.sft_examples(0, 16)) + "\n"
+    )
+    mopd.run(c, str(tmp_path / "run"))
+    last = _metrics(str(tmp_path / "run"))[2]
+    assert last["reward_addition"] == 0.0 and np.isfinite(last["reverse_kl_addition"])
+    assert "heldout_success_reversal" in last and "heldout_success_addition" not in last

@@ -15,7 +15,7 @@ from mimo_jax import checkpoint, hf
 from mimo_jax import sharding as sh
 from mimo_jax.config import ModelConfig
 from mimo_jax.model import MiMoV2Flash
-from mimo_jax.post_training import tasks
+from mimo_jax.post_training import prompt_file, tasks
 from mimo_jax.train import architecture_diff
 
 # Fields an HF config.json does not hold or that only say how this run computes: taken from the
@@ -41,7 +41,8 @@ def task_from_config(config: ml_collections.ConfigDict) -> tasks.Task:
 def mixture_from_config(config: ml_collections.ConfigDict) -> tasks.Mixture:
     """The run's prompt sources: ``config.domains`` if non-empty, else ``config.task`` alone.
 
-    Each ``config.domains.<domain>`` holds ``task`` (a ``tasks.TASKS`` name), ``options``
+    Each ``config.domains.<domain>`` holds ``task`` (a ``tasks.TASKS`` name, or ``"jsonl"``
+    for prompts from a file without a verifier: ``prompt_file.PromptFile``), ``options``
     (keyword options of that task, may be absent) and ``weight`` (prompt-sampling weight > 0,
     default 1.0); other fields of an entry are left to their readers. Domains come in the order
     ``ConfigDict`` iterates them: sorted by name.
@@ -65,8 +66,11 @@ def mixture_from_config(config: ml_collections.ConfigDict) -> tasks.Mixture:
             raise ValueError(f"{field} must be a ConfigDict with a task name, got {entry!r}")
         name, options = entry.task, dict(entry.get("options") or {})
         try:
-            by_domain[domain] = tasks.get_task(name, **options)
-        except (TypeError, ValueError) as e:
+            if name == prompt_file.NAME:
+                by_domain[domain] = prompt_file.PromptFile(**options)
+            else:
+                by_domain[domain] = tasks.get_task(name, **options)
+        except (TypeError, ValueError, OSError) as e:
             raise ValueError(f"{field}.task={name!r} with options {options}: {e}") from e
         weight = entry.get("weight", 1.0)
         if (

@@ -126,6 +126,12 @@ def run(
         check_config(config, cfg)
     _check_workdir(workdir)
     _check_same_model(workdir, cfg)
+    blind = [d for d in mixture.domains if not mixture.task(d).verifiable]
+    if blind and teachers_from is None:
+        raise ValueError(
+            f"config.domains {blind} have no verifier (prompt files): RL needs rewards; "
+            "distil them with --mode=mopd"
+        )
     init_from = config.init_from
     if not init_from:
         init_from = os.path.join(workdir, "sft")
@@ -230,26 +236,14 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
     )
 
     def heldout(model) -> dict[str, float]:
-        scores = {
-            d: rollout.heldout_success(
-                model,
-                mixture.task(d),
-                tokenizer,
-                num_prompts=rc.heldout_prompts,
-                prompt_len=rollout.PROMPT_LEN,
-            )  # fmt: skip
-            for d in mixture.domains
-        }
-        out = {"heldout_success": float(np.mean(list(scores.values())))}
-        if len(scores) > 1:
-            out.update({f"heldout_success_{d}": v for d, v in scores.items()})
-        return out
+        return rollout.heldout_metrics(model, mixture, tokenizer, num_prompts=rc.heldout_prompts)
 
     last: dict[str, float] = {}
     if start == 0:
         last = heldout(model)
         writer.write(0, last)
-        progress.say(f"step 0: heldout_success {last['heldout_success']:.3f}")
+        if last:
+            progress.say(f"step 0: heldout_success {last['heldout_success']:.3f}")
     timer, generated = _Timer(), 0.0
     for step in range(start, rc.steps):
         done = step + 1

@@ -217,3 +217,33 @@ def heldout_success(
         for p, c in zip(chunk, out.completions[: len(chunk)], strict=True):
             done[p] = [c]
     return tasks.success_rate(task, done)
+
+
+def heldout_metrics(
+    model: MiMoV2Flash, mixture: tasks.Mixture, tokenizer: Tokenizer, *, num_prompts: int
+) -> dict[str, float]:
+    """Greedy held-out success of every domain with a verifier (``heldout_success``).
+
+    Args:
+      model: the model to score.
+      mixture: the run's domains; those without a verifier are skipped.
+      tokenizer: the run's tokenizer.
+      num_prompts: held-out prompts per domain.
+
+    Returns:
+      ``heldout_success`` (the mean over the scored domains) and, for a mixture of several
+      domains, ``heldout_success_<domain>`` of each; empty when no domain has a verifier.
+    """
+    scores = {
+        d: heldout_success(
+            model, mixture.task(d), tokenizer, num_prompts=num_prompts, prompt_len=PROMPT_LEN
+        )
+        for d in mixture.domains
+        if mixture.task(d).verifiable
+    }
+    if not scores:
+        return {}
+    out = {"heldout_success": float(np.mean(list(scores.values())))}
+    if len(mixture.domains) > 1:
+        out.update({f"heldout_success_{d}": v for d, v in scores.items()})
+    return out

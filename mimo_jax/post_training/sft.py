@@ -218,17 +218,7 @@ def _sft(config, workdir, cfg, tokenizer, dataset, mixture) -> dict[str, float]:
     def eval_fn():
         if not heldout:
             return {}
-        success = {
-            domain: rollout.heldout_success(
-                model, mixture.task(domain), tokenizer, num_prompts=sc.heldout_prompts,
-                prompt_len=rollout.PROMPT_LEN,
-            )
-            for domain in mixture.domains
-        }  # fmt: skip
-        if len(success) == 1:
-            return {"heldout_success": success[mixture.domains[0]]}
-        metrics = {f"heldout_success_{d}": s for d, s in success.items()}
-        return {**metrics, "heldout_success": sum(success.values()) / len(success)}
+        return rollout.heldout_metrics(model, mixture, tokenizer, num_prompts=sc.heldout_prompts)
 
     return run_loop(
         model, opt, cfg, tc, workdir=workdir, ckpt=ckpt, progress=progress, start=start,

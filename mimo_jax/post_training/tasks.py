@@ -79,6 +79,7 @@ class Task(abc.ABC):
 
     name: ClassVar[str]  # registry name; also the ``domain`` of its SFT examples
     terminator: ClassVar[str] = TERMINATOR
+    verifiable: ClassVar[bool] = True  # False: no verifier (``prompt_file.PromptFile``)
     format_reward: float = 0.0
 
     def __post_init__(self):
