@@ -26,11 +26,9 @@ run sees the same batches.
   invisible to the example, so the loss is exact with today's model.
 * Packing: several examples per row, ``positions`` restarting at 0 at each example and
   ``segment_ids`` (1, 2, ... per example, 0 on padding) saying which tokens belong together.
-  Packing is exact only if attention is restricted to one segment; ``MiMoV2Flash`` takes
-  ``positions`` but no ``segment_ids`` today (its training attention is causal over the whole
-  row), so with it a packed example also attends to the examples before it in its row. The
-  masks and positions here are correct either way; the cross-example attention is the model's
-  missing piece, which is why padding is the default.
+  The model keeps each packed example to itself when given them
+  (``MiMoV2Flash(ids, positions, segment_ids=...)``, the XLA attention path; ``sft.run`` passes
+  them with ``config.sft.packing``), so a packed example gets the outputs it has alone.
 """
 
 import dataclasses
@@ -236,7 +234,7 @@ class SFTDataset:
         endless stream of epochs, each epoch a permutation keyed by (seed, epoch), so every
         example is seen once per epoch. Packing: the examples of a permutation keyed by (seed,
         step) fill the rows in order, each going to the current row while it fits and opening
-        the next row otherwise; it needs a model that honours ``segment_ids`` (module doc).
+        the next row otherwise; the model must be given ``segment_ids`` (module doc).
 
         Args:
           batch_size: B.
