@@ -525,3 +525,40 @@ def plot_routing_replay(
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
+
+
+def plot_domain_curves(
+    heldout: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    teacher_heldout: Mapping[str, float],
+    reverse_kl: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+) -> Any:
+    """A MOPD run, per domain: held-out success and reverse KL to the teacher vs step.
+
+    Args:
+      heldout: domain -> (steps, success): the student's greedy held-out success rate in that
+        domain during the run; step 0 is the student the run starts from.
+      teacher_heldout: domain -> the held-out success of that domain's teacher.
+      reverse_kl: domain -> (steps, KL): the student's reverse KL to the domain's teacher over
+        its sampled tokens.
+
+    Returns:
+      The Figure: held-out success (left, 0..1; each teacher a dashed line and the student's
+      start a dotted one, in the domain's colour) and reverse KL (right).
+    """
+    fig, (left, right) = _figure(2, width=5.0)
+    colors = dict(zip(heldout, colormaps["tab10"].colors, strict=False))
+    for domain, (steps, success) in heldout.items():
+        c = colors[domain]
+        left.plot(steps, success, "o-", color=c, label=f"{domain}: student")
+        left.axhline(teacher_heldout[domain], color=c, ls="--", label=f"{domain}: teacher")
+        left.axhline(success[0], color=c, ls=":", alpha=0.6, label=f"{domain}: student start")
+    for domain, (steps, kl) in reverse_kl.items():
+        right.plot(steps, kl, color=colors.get(domain), label=domain)
+    left.set(xlabel="MOPD step", ylabel="held-out success (greedy)", ylim=(-0.02, 1.02),
+             title="held-out success per domain")  # fmt: skip
+    right.set(xlabel="MOPD step", ylabel="KL(student || teacher), nats per token",
+              title="reverse KL to the domain's teacher")  # fmt: skip
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig

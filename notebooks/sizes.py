@@ -10,7 +10,7 @@ a user's run.
 import ml_collections
 
 import mimo_jax
-from configs import debug, rl_tiny, tiny
+from configs import debug, mopd_tiny, rl_tiny, tiny
 
 
 def quickstart(small: bool) -> ml_collections.ConfigDict:
@@ -144,3 +144,29 @@ def post_training(small: bool) -> ml_collections.ConfigDict:
         heldout_prompts=16, checkpoint_every=2,
     )  # fmt: skip
     return config
+
+
+def mopd(
+    small: bool,
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """``07_mopd``: the two domain teachers and the student.
+
+    Args:
+      small: a 2-layer model (one MoE layer, 1 MTP layer), 4 SFT steps and 2 RL / MOPD steps of
+        2 prompts x 2 samples, held-out success on 16 prompts; otherwise ``configs/mopd_tiny.py``
+        as shipped.
+
+    Returns:
+      (reversal teacher, addition teacher, student): ``get_config("teacher_reversal")``,
+      ``get_config("teacher_addition")`` (``--mode=rl``: SFT warm-up then GRPO on one task) and
+      ``get_config()`` (``domains``: both tasks; ``--mode=sft`` then ``--mode=mopd``).
+    """
+    configs = tuple(mopd_tiny.get_config(a) for a in ("teacher_reversal", "teacher_addition"))
+    configs += (mopd_tiny.get_config(),)
+    if small:
+        for config in configs:
+            shipped = post_training(True)  # 06's small sizes, on this config's tasks
+            for field in ("model", "train", "rl"):
+                config[field] = shipped[field]
+            config.sft.update(num_examples=64, heldout_prompts=16)
+    return configs

@@ -18,10 +18,10 @@ from flax import nnx
 
 import mimo_jax
 from bench import attention as attention_bench
-from configs import rl_tiny, tiny
+from configs import mopd_tiny, rl_tiny, tiny
 from mimo_jax import axes, layout, train
 from mimo_jax import sharding as sh
-from mimo_jax.post_training import policy, rl, rollout, sft
+from mimo_jax.post_training import mopd, policy, rl, rollout, sft
 from notebooks import sizes
 from pallas_kernels import IMPLEMENTATIONS, attention
 
@@ -158,12 +158,10 @@ def test_checkpoint_on_a_mesh(small):
     assert math.prod(wi.shape) == 8 * math.prod(wi.shard_shape)
 
 
-@pytest.mark.parametrize("small", SIZES)
-def test_post_training(small):
+def _check_post_training(config):
     """The SFT warm-up's and the RL run's checks, as ``sft.run`` and ``rl.run`` make them."""
-    config = sizes.post_training(small)
     cfg, tc = train.model_config(config), config.train
-    policy.task_from_config(config)
+    policy.mixture_from_config(config)  # config.domains, else config.task
     train.learning_rate_schedule(tc)  # the SFT warm-up
     sft.check_config(config, cfg)
     train.learning_rate_schedule(rl._optimizer_fields(config.rl))
@@ -189,6 +187,34 @@ def test_post_training(small):
     assert metrics["ce"].shape == ()
 
 
+@pytest.mark.parametrize("small", SIZES)
+def test_post_training(small):
+    _check_post_training(sizes.post_training(small))
+
+
 def test_post_training_full_size_is_the_shipped_config():
     """The full-size notebook runs configs/rl_tiny.py as ``main.py --mode=rl`` would."""
     assert sizes.post_training(False).to_dict() == rl_tiny.get_config().to_dict()
+
+
+@pytest.mark.parametrize("small", SIZES)
+def test_mopd(small):
+    """Both teachers' RL runs, the student's SFT and its MOPD run, as their ``run``s check them."""
+    *teachers, student = sizes.mopd(small)
+    for config in (*teachers, student):
+        _check_post_training(config)
+    # The notebook pairs the domains with the teachers in this order: same task, same options
+    # (so a teacher's held-out prompts are its domain's).
+    for domain, teacher in zip(("reversal", "addition"), teachers, strict=True):
+        entry = student.domains[domain]
+        assert (teacher.task.name, teacher.task.options.to_dict()) == (
+            entry.task,
+            entry.options.to_dict(),
+        )
+    mopd.check_config(student, policy.mixture_from_config(student))  # the teachers' paths aside
+
+
+def test_mopd_full_size_is_the_shipped_configs():
+    """The full-size notebook runs configs/mopd_tiny.py as the README's commands would."""
+    shipped = [mopd_tiny.get_config(a) for a in ("teacher_reversal", "teacher_addition", "student")]
+    assert [c.to_dict() for c in sizes.mopd(False)] == [c.to_dict() for c in shipped]

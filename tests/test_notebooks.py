@@ -30,6 +30,7 @@ NOTEBOOKS = {
     "04_sharding.ipynb": ["04_shardings", "04_memory"],
     "05_checkpoint_on_a_mesh.ipynb": ["05_expert_shards"],
     "06_post_training.ipynb": ["06_reward", "06_r3"],
+    "07_mopd.ipynb": ["07_domains"],
 }
 
 
@@ -101,6 +102,11 @@ def test_figure_functions(tmp_path, monkeypatch):
         "reward": figures.plot_reward_curve(t, t / 10, (t, t / 8), sft_heldout=(t, t / 20)),
         "r3": figures.plot_routing_replay(
             t, {"kl": 1e-3 / t, "share": 0 * t}, {"kl": 1e-2 / t, "share": t / 100}
+        ),
+        "domains": figures.plot_domain_curves(
+            {"a": (t, t / 10), "b": (t, 1 - t / 10)},
+            {"a": 0.6, "b": 0.9},
+            {"a": (t, 1.0 / t), "b": (t, -0.1 * t)},  # a k1 estimate may be negative
         ),
     }
     for stem, fig in made.items():
