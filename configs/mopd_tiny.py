@@ -54,4 +54,6 @@ def get_config(arg: str = "student"):
     c.mopd.eps_low = 0.5  # tokens whose pi_train / pi_rollout leaves [eps_low, eps_high] are
     c.mopd.eps_high = 2.0  # dropped (the report's eq. 8)
     c.mopd.teacher_dtype = "bfloat16"  # teachers score at the rollout precision
+    # Subtract the batch's mean teacher reward from each token's (losses.mopd_loss).
+    c.mopd.baseline = False
     return c

@@ -23,10 +23,12 @@ def _inputs(seed=1):
     return logp, teacher, rollout, mask, orm
 
 
-def _numpy_loss(logp, teacher, rollout, mask, orm, eps_low, eps_high, alpha):
-    """Eqs. 7-9 written out per sequence and token."""
+def _numpy_loss(logp, teacher, rollout, mask, orm, eps_low, eps_high, alpha, baseline=False):
+    """Eqs. 7-9 written out per sequence and token (``baseline``: minus the batch's mean
+    teacher reward over response tokens)."""
     logp, teacher, rollout = (x.astype(np.float64) for x in (logp, teacher, rollout))
     total, grad = 0.0, np.zeros_like(logp)
+    b0 = (teacher - logp)[mask > 0].mean() if baseline else 0.0
     for b in range(B):
         n = mask[b].sum()
         for t in range(T):
@@ -34,24 +36,28 @@ def _numpy_loss(logp, teacher, rollout, mask, orm, eps_low, eps_high, alpha):
                 continue
             ratio = np.exp(logp[b, t] - rollout[b, t])
             w = ratio if eps_low <= ratio <= eps_high else 0.0
-            a = (teacher[b, t] - logp[b, t]) + alpha * orm[b]
+            a = (teacher[b, t] - logp[b, t] - b0) + alpha * orm[b]
             total += -w * a * logp[b, t] / n
             grad[b, t] = -w * a / n / B
     return total / B, grad
 
 
+@pytest.mark.parametrize("baseline", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 @pytest.mark.parametrize(("eps_low", "eps_high"), [(0.5, 2.0), (0.8, 1.25)])
-def test_loss_and_gradient_match_numpy(alpha, eps_low, eps_high):
+def test_loss_and_gradient_match_numpy(alpha, eps_low, eps_high, baseline):
     logp, teacher, rollout, mask, orm = _inputs()
     ratio = np.exp(logp - rollout)[mask > 0]
     assert (ratio < eps_low).any() and (ratio > eps_high).any()  # both bounds are exercised
-    want, want_grad = _numpy_loss(logp, teacher, rollout, mask, orm, eps_low, eps_high, alpha)
+    want, want_grad = _numpy_loss(
+        logp, teacher, rollout, mask, orm, eps_low, eps_high, alpha, baseline
+    )
 
     def f(lp):
         return losses.mopd_loss(
             lp, jnp.asarray(teacher), jnp.asarray(rollout), jnp.asarray(mask),
             eps_low=eps_low, eps_high=eps_high, alpha=alpha, orm_advantages=jnp.asarray(orm),
+            baseline=baseline,
         )  # fmt: skip
 
     (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))

@@ -263,6 +263,7 @@ def mopd_loss(
     eps_high: float,
     alpha: float = 0.0,
     orm_advantages: jax.Array | None = None,
+    baseline: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Multi-teacher on-policy distillation surrogate (the technical report's eqs. 7-9).
 
@@ -287,6 +288,9 @@ def mopd_loss(
       eps_high: largest kept ratio pi / mu.
       alpha: weight of the outcome advantage.
       orm_advantages: [B] per-sequence outcome advantages (required when alpha != 0).
+      baseline: subtract the batch's mean reverse-KL reward (over its response tokens) from
+        each token's: a constant baseline, which leaves the expected gradient unchanged and
+        lowers its variance (not in the report's eq. 9; off by default).
 
     Returns:
       (loss [], metrics): ``reverse_kl`` (token mean over the mask of log pi - log pi_teacher,
@@ -302,6 +306,8 @@ def mopd_loss(
     )  # [B, T], []
     reverse_kl_reward = _log_ratio(jax.lax.stop_gradient(teacher_logp), logp, mask)  # [B, T]
     adv = jax.lax.stop_gradient(reverse_kl_reward)
+    if baseline:
+        adv = jnp.where(mask > 0, adv - masked_mean(adv, mask), 0.0)
     if alpha:
         adv = adv + alpha * orm_advantages.astype(jnp.float32)[:, None]
     per_token = -weights * adv * jnp.where(mask > 0, logp.astype(jnp.float32), 0.0)

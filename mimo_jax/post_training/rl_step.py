@@ -146,7 +146,7 @@ def make_loss_fn(
             return losses.mopd_loss(
                 logp, batch["teacher_logp"], batch["rollout_logp"], mask,
                 eps_low=mopd.eps_low, eps_high=mopd.eps_high, alpha=mopd.alpha,
-                orm_advantages=batch["advantages"],
+                orm_advantages=batch["advantages"], baseline=mopd.get("baseline", False),
             )  # fmt: skip
         old = batch.get("old_logp", jax.lax.stop_gradient(logp))
         weights, metrics = None, {}
