@@ -101,6 +101,29 @@ COVERAGE = {
     "python bench/rl_routing.py --workdir=runs/rl_routing": ByTests(
         "test_bench_rl_routing.py::test_rl_routing_smoke"
     ),
+    **{
+        f"python main.py --mode=rl --config=configs/mopd_tiny.py:teacher_{d} "
+        f"--workdir=runs/teacher_{d}": ByTests(
+            "test_bench_mopd_table.py::test_mopd_table_smoke",
+            "test_rl.py::test_cli_rl_runs_and_names_bad_fields",
+        )
+        for d in ("reversal", "addition")
+    },
+    "python main.py --mode=sft --config=configs/mopd_tiny.py --workdir=runs/mopd_student": ByTests(
+        "test_bench_mopd_table.py::test_mopd_table_smoke",
+        "test_mixture.py::test_sft_on_two_domains_logs_heldout_success_per_domain",
+        "test_sft.py::test_sft_command",
+    ),
+    (
+        "python main.py --mode=mopd --config=configs/mopd_tiny.py "
+        "--config.init_from=runs/mopd_student --workdir=runs/mopd"
+    ): ByTests(
+        "test_bench_mopd_table.py::test_mopd_table_smoke",
+        "test_mopd.py::test_mopd_resume_follows_the_uninterrupted_run",
+    ),
+    "python bench/mopd_table.py --workdir=runs": ByTests(
+        "test_bench_mopd_table.py::test_mopd_table_smoke"
+    ),
     "python bench/attention.py": Run(
         ("--quick", "--seqs=128,256", "--repeats=1", "--out={tmp}/attention.json"), "ratios are T="
     ),
