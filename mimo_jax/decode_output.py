@@ -25,8 +25,9 @@ class GenerateResult:
         log-probability under the main model's distribution it was drawn from
         (``sampling.token_logprobs``), 0 at prompt and padding positions; else None.
       routing: with ``return_routing``, int32 [L, B, T + max_new_tokens, k]: the main model's
-        expert ids at every valid position, prompt included, -1 on dense layers and padding
-        (the layout ``model(ids, routing=...)`` replays); else None.
+        expert ids at every position before each row's final token, prompt included; -1 on
+        dense layers, padding and the final token, which was sampled but not fed back (the
+        layout ``model(ids, routing=...)`` replays, -1 meaning "route afresh"); else None.
     """
 
     tokens: jax.Array
@@ -90,7 +91,10 @@ def finish(
         logprobs = jnp.asarray(np.where(new, np.asarray(s.logprobs)[:, : t + max_new], 0.0))
     if s.routing is not None:
         r = np.asarray(s.routing)[:, :, : t + max_new]  # [L, B, T + max_new, k]
-        routing = jnp.asarray(np.where(valid[None, ..., None], r, -1).astype(np.int32))
+        # A row's final token came from the last verify's logits and was not fed back (its
+        # slot may hold a rejected draft's experts): recorded only before it.
+        consumed = np.arange(t + max_new)[None] < out_len[:, None] - 1
+        routing = jnp.asarray(np.where(consumed[None, ..., None], r, -1).astype(np.int32))
     active = max(int(s.active_steps), 1)
     return GenerateResult(
         tokens=jnp.asarray(out),

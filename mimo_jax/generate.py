@@ -430,12 +430,7 @@ def _generate(
     if stream is not None:  # row 0's tokens go to the host as soon as they are committed
         first = s.tokens[:1, lengths[0]]  # [1]
         jax.debug.callback(stream, first, jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32))
-    s = decode_loop(model, s, d=d, sampling=sampling, max_new=max_new, eos=eos, stream=stream)
-    if routing:
-        # Each row's newest token was drawn from the last verify but never fed to the main
-        # model: one single-token pass records its experts (its KV writes are never read).
-        s, _ = _extend(model, s, _read(s.tokens, s.base, 1))
-    return s
+    return decode_loop(model, s, d=d, sampling=sampling, max_new=max_new, eos=eos, stream=stream)
 
 
 def step(
@@ -518,8 +513,9 @@ def generate(
         truncated to top-k / top-p and renormalised; greedy: the log-softmax of the raw logits
         (temperature 1). With drafts it is still the main model's, from the verify pass.
       return_routing: fill ``GenerateResult.routing`` (the main model's expert ids, prompt
-        included), recorded in the prefill and verify passes, plus one single-token pass at
-        the end for each row's newest token.
+        included), recorded in the prefill and verify passes at no extra forward pass. A row's
+        final token is drawn but not fed back: its position holds -1, which a replay treats
+        as "route afresh" and which no training loss reads (its label is past the row's end).
 
     Returns:
       GenerateResult.

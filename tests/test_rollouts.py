@@ -3,7 +3,8 @@
 An RL step recomputes each sampled token's log-probability with ``model(tokens)`` and replays the
 rollout's experts with ``model(tokens, routing=...)``. In fp32 both must agree with what
 ``generate`` recorded, with and without MTP drafts: the log-probabilities come from the verify
-pass (the main model's), the routing from the prefill and verify passes.
+pass (the main model's), the routing from the prefill and verify passes (no extra pass: a row's
+final token, not fed back, holds -1).
 """
 
 import functools
@@ -111,15 +112,19 @@ def test_routing_equals_training_forward_and_replays(model, rollout, d, name):
     cfg = model.cfg
     assert got.shape == (cfg.num_layers, len(LENGTHS), T + MAX_NEW, cfg.num_experts_per_tok)
     assert got.dtype == np.int32
-    valid = np.arange(T + MAX_NEW)[None] < np.asarray(res.lengths)[:, None]  # [B, S]
-    logits, want = forward(model, tokens)
-    np.testing.assert_array_equal(got[:, valid], want[:, valid])
-    np.testing.assert_array_equal(got[:, ~valid], -1)  # padding
+    pos = np.arange(T + MAX_NEW)[None]
+    valid = pos < np.asarray(res.lengths)[:, None]  # [B, S]
+    # Recorded before each row's final token (sampled, not fed back), -1 from it on.
+    recorded = pos < np.asarray(res.lengths)[:, None] - 1  # [B, S]
     dense = [i for i, m in enumerate(cfg.mlp_layer_types) if m == "dense"]
+    moe = [i for i in range(cfg.num_layers) if i not in dense]
+    np.testing.assert_array_equal(np.all(got[moe] >= 0, axis=(0, 3)), recorded)
+    logits, want = forward(model, tokens)
+    np.testing.assert_array_equal(got[:, recorded], want[:, recorded])
+    np.testing.assert_array_equal(got[:, ~recorded], -1)
     assert dense and np.all(got[dense] == -1)
-    assert np.all(got[[i for i in range(cfg.num_layers) if i not in dense]][:, valid] >= 0)
     replayed, route = forward(model, tokens, jnp.asarray(got))
-    np.testing.assert_array_equal(route[:, valid], got[:, valid])
+    np.testing.assert_array_equal(route[:, valid], want[:, valid])  # -1 routes afresh
     assert_close(replayed[valid], logits[valid], FP32_REL, f"d={d} {name} replayed logits")
 
 

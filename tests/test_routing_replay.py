@@ -44,10 +44,13 @@ def setup():
     assert not valid.all()  # padding inside prompts and after responses
     moe = r3.moe_layer_mask(CFG)
     np.testing.assert_array_equal(moe, [False, True, True, True])
-    # Recorded exactly at valid positions of MoE layers; -1 on dense layers and padding.
-    want = np.broadcast_to(moe[:, None, None, None] & valid[..., None], ro.routing.shape)
+    # Recorded on MoE layers at every valid position but each row's final token (sampled, not
+    # fed back); -1 elsewhere.
+    ends = valid.sum(axis=1)
+    consumed = valid & (pos < ends[:, None] - 1)  # valid is a prefix of each row
+    want = np.broadcast_to(moe[:, None, None, None] & consumed[..., None], ro.routing.shape)
     np.testing.assert_array_equal(ro.routing >= 0, want)
-    return model, ro, valid, moe
+    return model, ro, consumed, moe
 
 
 def _with_impl(model, impl):
