@@ -5,6 +5,8 @@ Importing this module puts the repository root on ``sys.path``, so a bench scrip
 """
 
 import argparse
+import ast
+import importlib.util
 import json
 import os
 import platform
@@ -114,3 +116,29 @@ def interleaved_medians(fns: dict, runs: int) -> dict:
             f()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def load_config(path: str, overrides: list[str], *args):
+    """A config file's ``get_config(*args)`` with ``FIELD=VALUE`` overrides (``--set``).
+
+    Values are Python literals where they parse as one, else plain strings; a FIELD not in
+    the config is a ValueError.
+    """
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*args)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if not sep or leaf not in node:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD in the config")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a plain string
+        node[leaf] = value
+    return config

@@ -32,9 +32,7 @@ Writes bench/results/mopd_table.json.
 """
 
 import argparse
-import ast
 import copy
-import importlib.util
 import json
 import os
 import time
@@ -70,24 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_config(a: argparse.Namespace, arg: str = "student") -> ml_collections.ConfigDict:
     """The config file's ``get_config(arg)`` with ``--set`` applied."""
-    spec = importlib.util.spec_from_file_location("bench_mopd_config", a.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    for item in a.set:
-        key, sep, raw = item.partition("=")
-        *path, leaf = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        if not sep or leaf not in node:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD in the config")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a plain string
-        node[leaf] = value
-    return config
+    return common.load_config(a.config, a.set, arg)
 
 
 def latest_step(workdir: str) -> int | None:

@@ -26,9 +26,7 @@ runs. Writes bench/results/rl_routing.json.
 """
 
 import argparse
-import ast
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -67,23 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_config(a: argparse.Namespace) -> ml_collections.ConfigDict:
     """The config file's ``get_config()`` with ``--set`` and ``--steps`` applied."""
-    spec = importlib.util.spec_from_file_location("bench_rl_config", a.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for item in a.set:
-        key, sep, raw = item.partition("=")
-        *path, leaf = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        if not sep or leaf not in node:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD in the config")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a plain string
-        node[leaf] = value
+    config = common.load_config(a.config, a.set)
     if a.steps is not None:
         config.rl.steps = a.steps
     return config
