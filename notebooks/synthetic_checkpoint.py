@@ -94,13 +94,19 @@ def write_checkpoint(cfg: mimo_jax.ModelConfig, path: str, seed: int = 0, num_fi
     shutil.rmtree(staging)
 
 
-def write_tokenizer(path: str, corpus: list[str], vocab_size: int = 400) -> None:
-    """Writes a Qwen2-layout tokenizer with a ChatML chat template into directory ``path``.
+def qwen2_bpe(
+    corpus: list[str], vocab_size: int, specials: list[str] = SPECIALS
+) -> tokenizers.Tokenizer:
+    """A byte-level BPE trained on ``corpus`` in Qwen2's pipeline (NFC, Qwen2's split, byte
+    level), which transformers' Qwen2Tokenizer rebuilds from the vocabulary and merges.
 
     Args:
-      path: an existing directory (the checkpoint's).
-      corpus: text the byte-level BPE is trained on.
-      vocab_size: tokens, special tokens included (at most the model's vocabulary).
+      corpus: training text.
+      vocab_size: tokens, special tokens included.
+      specials: the special tokens, first in the vocabulary.
+
+    Returns:
+      The trained tokenizer.
     """
     tok = tokenizers.Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -111,10 +117,22 @@ def write_tokenizer(path: str, corpus: list[str], vocab_size: int = 400) -> None
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def write_tokenizer(path: str, corpus: list[str], vocab_size: int = 400) -> None:
+    """Writes a Qwen2-layout tokenizer with a ChatML chat template into directory ``path``.
+
+    Args:
+      path: an existing directory (the checkpoint's).
+      corpus: text the byte-level BPE is trained on.
+      vocab_size: tokens, special tokens included (at most the model's vocabulary).
+    """
+    tok = qwen2_bpe(corpus, vocab_size)
     tok.save(os.path.join(path, "tokenizer.json"))
     config = {
         "tokenizer_class": "Qwen2Tokenizer",

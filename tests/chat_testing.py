@@ -4,15 +4,9 @@ ChatML special tokens, a chat template and the special-token files (no download)
 import json
 import pathlib
 
-import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from notebooks.synthetic_checkpoint import qwen2_bpe
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-# Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer rebuilds its pipeline with it).
-QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 CHATML = """\
 {% for message in messages %}
 <|im_start|>{{ message['role'] }}
@@ -29,20 +23,9 @@ def write_tokenizer_dir(d: pathlib.Path, corpus: list[str], chat_template: str =
     ``chat_template``, eos_token ``<|im_end|>``), special_tokens_map.json (pad_token) and
     generation_config.json (eos ids ``<|im_end|>``, ``<|endoftext|>``) into ``d``."""
     d.mkdir(parents=True, exist_ok=True)
-    tok = tokenizers.Tokenizer(models.BPE())
     # Qwen2's pipeline: transformers' Qwen2Tokenizer rebuilds exactly this from the vocabulary and
     # merges, whatever tokenizer.json says, so the released files must (and do) spell it out.
-    tok.normalizer = normalizers.NFC()
-    split = pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), behavior="isolated")
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=alphabet
-    )
-    tok.train_from_iterator(corpus * 3, trainer)
+    tok = qwen2_bpe(corpus * 3, 400, SPECIALS)
     tok.save(str(d / "tokenizer.json"))
     config = {
         "tokenizer_class": "Qwen2Tokenizer",  # the released checkpoint's class

@@ -3,16 +3,13 @@
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import mimo_jax
 from mimo_jax import hf
-from mimo_jax.config import ModelConfig
 
 
 def flat_state(model) -> dict[tuple, np.ndarray]:
@@ -28,26 +25,6 @@ def assert_states_equal(a, b):
         assert np.array_equal(x, y), (
             f"{path}: not bit-exact, max diff {np.abs(x.astype(np.float64) - y).max():.3g}"
         )
-
-
-def random_model(cfg: ModelConfig, seed: int) -> mimo_jax.MiMoV2Flash:
-    """A model with every parameter random, norms, sinks and router bias included.
-
-    Filled from numpy into an abstract model (as load_hf does): building eagerly compiles one
-    small XLA program per initialiser shape, which costs tens of seconds on a busy 2-core CPU.
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: mimo_jax.MiMoV2Flash(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        kind = path[-1]
-        if kind == "scale":
-            x = 1.0 + 0.2 * rng.standard_normal(var.shape)
-        else:
-            std = {"sinks": 0.5, "bias": 0.1}.get(kind, cfg.initializer_range)
-            x = std * rng.standard_normal(var.shape)
-        var.set_value(jnp.asarray(x, var.dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def read_dir(path) -> dict[str, torch.Tensor]:

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 from chat_testing import write_tokenizer_dir
-from hf_testing import assert_states_equal, random_model
+from hf_testing import assert_states_equal
 
 import mimo_jax
 from mimo_jax import checkpoint, hf
 from mimo_jax.generate import generate
+from notebooks.synthetic_checkpoint import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 full-attention and 4 sliding-window KV heads (transformers' ratio) and an even vocabulary:

@@ -6,10 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from hf_testing import assert_states_equal, random_model, read_config, read_dir, write_dir
+from hf_testing import assert_states_equal, read_config, read_dir, write_dir
 
 import mimo_jax
 from mimo_jax import fp8, hf
+from notebooks.synthetic_checkpoint import random_model
 
 E4M3_MAX = 448.0
 # e4m3 keeps 3 mantissa bits: in the top binade [256, 448] the step is 32, so rounding moves a

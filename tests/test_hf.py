@@ -20,7 +20,6 @@ from hf_testing import (
     assert_checkpoints_equal,
     assert_states_equal,
     flat_state,
-    random_model,
     read_config,
     read_dir,
     write_dir,
@@ -32,6 +31,7 @@ from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 import mimo_jax
 from mimo_jax import hf
 from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE
+from notebooks.synthetic_checkpoint import random_model
 
 # One compiled function per model structure; the jit cache is shared by all tests.
 _logits = jax.jit(lambda m, ids: m(ids, mtp=False).logits)

@@ -10,7 +10,6 @@ import torch
 from hf_testing import (
     assert_checkpoints_equal,
     assert_states_equal,
-    random_model,
     read_config,
     read_dir,
     write_dir,
@@ -20,6 +19,7 @@ import mimo_jax
 from mimo_jax import hf
 from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE
 from mimo_jax.hf_config import config_from_hf
+from notebooks.synthetic_checkpoint import random_model
 
 # ---------------------------------------------------------------------------------------------
 # 1. Malformed input.

@@ -14,13 +14,14 @@ import process_testing
 import pytest
 import torch
 from flax import nnx
-from hf_testing import flat_state, random_model
+from hf_testing import flat_state
 from numerics_testing import FP32_REL, assert_close
 from transformers import MiMoV2FlashForCausalLM
 
 import mimo_jax
 from mimo_jax import hf
 from mimo_jax import sharding as sh
+from notebooks.synthetic_checkpoint import random_model
 
 CFG = mimo_jax.tiny(
     num_layers=4,

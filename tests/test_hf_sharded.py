@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_testing import flat_state, random_model, read_config, read_dir
+from hf_testing import flat_state, read_config, read_dir
 from safetensors.torch import save_file
 from test_fp8 import quantize_blocks, quantize_fused_kv
 
 import mimo_jax
 from mimo_jax import fp8, hf, hf_slices
 from mimo_jax import sharding as sh
+from notebooks.synthetic_checkpoint import random_model
 
 CFG = mimo_jax.tiny(
     num_layers=3,  # dense full-attention layer 0, then 2 sliding-window MoE layers, scanned

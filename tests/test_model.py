@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_testing import random_model
 from numerics_testing import BF16_REL, FP32_REL, assert_close
 
 import mimo_jax
 from mimo_jax import hf
 from mimo_jax.config import DENSE, FULL, SLIDING, SPARSE
 from mimo_jax.layers import RMSNorm
+from notebooks.synthetic_checkpoint import random_model
 
 
 @pytest.fixture(scope="module")
