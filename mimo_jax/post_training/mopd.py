@@ -127,6 +127,8 @@ class Teachers:
                 model = load_teacher(source, tokenizer, domain)
                 loaded[source] = rollout.rollout_model(model, mc.teacher_dtype)
             self.models[domain] = loaded[source]
+        # Split once: the teachers are frozen, and splitting a model costs on every call.
+        self._split = {d: nnx.split(m) for d, m in self.models.items()}
 
     def logp(self, batch: dict, domains: list[str]) -> np.ndarray:
         """float32 [B, S - 1]: each row's labels scored by the teacher of the row's domain.
@@ -138,10 +140,10 @@ class Teachers:
         tokens = np.asarray(batch["tokens"])
         out = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.float32)
         rows = np.array(domains)
-        for domain, model in self.models.items():
+        for domain, (graphdef, state) in self._split.items():
             (idx,) = np.nonzero(rows == domain)
             if idx.size:
-                logp = _teacher_logp(*nnx.split(model), tokens[idx], self.sampling)
+                logp = _teacher_logp(graphdef, state, tokens[idx], self.sampling)
                 out[idx] = np.asarray(logp)
         return out
 

@@ -263,15 +263,15 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
             timer.add("teacher_s", t1)
         batch = {k: sh.put_batch(v) for k, v in host_batch.items()}
         if ref is not None:
-            batch["ref_logp"] = logp_fn(ref, batch)
+            host_batch["ref_logp"] = np.asarray(logp_fn(ref, batch))
         if rc.updates_per_step > 1:
-            batch["old_logp"] = logp_fn(model, batch)
+            host_batch["old_logp"] = np.asarray(logp_fn(model, batch))
         probed = probe(model, batch) if log and "routing" in batch else {}
         n, per = rc.updates_per_step, rc.prompts_per_step * rc.group_size // rc.updates_per_step
         step_metrics = []
         for u in range(n):
-            host = jax.device_get({k: v[u * per : (u + 1) * per] for k, v in batch.items()})
-            micro = {k: sh.put_batch(v[None], batch_dim=1) for k, v in host.items()}
+            rows = slice(u * per, (u + 1) * per)
+            micro = {k: sh.put_batch(v[rows][None], batch_dim=1) for k, v in host_batch.items()}
             state, m = train_step(state, micro)
             step_metrics.append(m)
         jax.block_until_ready(state)  # dispatch is asynchronous: time the updates themselves
