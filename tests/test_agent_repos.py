@@ -2,14 +2,15 @@
 that fail the buggy repository and pass the reference fix (and no other operator, constant or
 bound), and no answer leaked through the files or the issue."""
 
+import os
 import re
-import subprocess
 import sys
 import types
 
 import pytest
 
 from mimo_jax.post_training.agent import repos
+from mimo_jax.post_training.agent.sandbox import Sandbox
 
 FULL = {split: repos.suite(split) for split in repos.SPLITS}
 # A sample of each split with every bug kind, for the tests that run the hidden tests.
@@ -24,25 +25,12 @@ def _fixed(task, new=None):
     return files
 
 
-def _run_hidden(task, files, tmp_path):
-    """(passed, total) of the hidden tests run by the suite's runner on ``files``."""
-    tmp_path.mkdir()
-    for path, text in {
-        **files,
-        **task.hidden_tests,
-        repos.RUNNER_PATH: repos.RUNNER_SOURCE,
-    }.items():
-        (tmp_path / path).write_text(text)
-    modules = [p.removesuffix(".py") for p in task.hidden_tests]
-    proc = subprocess.run(
-        [sys.executable, repos.RUNNER_PATH, *modules],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    passed = repos.parse_runner_output(proc.returncode, proc.stdout + proc.stderr)
-    return passed, repos.hidden_test_count(task)
+def _run_hidden(task, files):
+    """(passed, total) of the hidden tests, run by ``repos.run_hidden_tests`` in a sandbox."""
+    with Sandbox(files) as sandbox:
+        for path in [*task.hidden_tests, repos.RUNNER_PATH]:
+            assert not os.path.exists(os.path.join(sandbox.root, path))
+        return repos.run_hidden_tests(task, sandbox, timeout_s=30.0)
 
 
 def _passes_in_process(task, files) -> bool:
@@ -116,10 +104,10 @@ def test_train_and_heldout_share_no_instance():
 
 
 @pytest.mark.parametrize("task", SAMPLE, ids=lambda t: t.name)
-def test_hidden_tests_fail_the_bug_and_pass_the_fix(task, tmp_path):
-    passed, total = _run_hidden(task, task.files, tmp_path / "buggy")
+def test_hidden_tests_fail_the_bug_and_pass_the_fix(task):
+    passed, total = _run_hidden(task, task.files)
     assert total >= 4 and passed < total
-    passed, total = _run_hidden(task, _fixed(task), tmp_path / "fixed")
+    passed, total = _run_hidden(task, _fixed(task))
     assert passed == total
 
 
@@ -147,6 +135,23 @@ def test_repository_reveals_neither_the_fix_nor_the_tests(split):
         if task.bug == "constant":
             wrong = old.rsplit(" ", 1)[1]
             assert wrong not in re.findall(r"(?<![A-Za-z0-9_])\d+", task.issue), task.issue
+
+
+def test_runner_ignores_bytecode_the_agent_cached_before_its_edit():
+    # The fix keeps the file's size and usually lands within the same second as the cached import,
+    # so a runner reading __pycache__ would test the buggy code.
+    task = next(t for t in SAMPLE if len(t.fix[1]) == len(t.fix[2]))
+    path, old, new = task.fix
+    module = path.removesuffix(".py")
+    with Sandbox(task.files) as sandbox:
+        cached = sandbox.bash(
+            f"python3 -c 'import sys; sys.dont_write_bytecode = False; import {module}'"
+            " && ls __pycache__"
+        )
+        assert cached.ok and module in cached.output
+        assert sandbox.str_replace(path, old, new).ok
+        passed, total = repos.run_hidden_tests(task, sandbox, timeout_s=30.0)
+    assert passed == total
 
 
 def test_runner_output_parsing():
