@@ -9,6 +9,8 @@ python main.py --mode=eval --config=configs/tiny.py --workdir=runs/tiny
 python main.py --mode=sft --config=configs/rl_tiny.py --workdir=runs/sft_tiny
 python main.py --mode=rl --config=configs/rl_tiny.py --workdir=runs/rl_tiny     # SFT warm-up + RL
 python main.py --mode=mopd --config=configs/mopd_tiny.py --workdir=runs/mopd    # distil teachers
+python main.py --mode=rl --config=configs/agent_tiny.py --workdir=runs/agent_tiny  # agentic RL
+python main.py --mode=episode --config=configs/agent_tiny.py --workdir=runs/agent_tiny
 python main.py --mode=generate --workdir=runs/tiny --prompt='def ' --num_draft_tokens=3
 python main.py --mode=generate --workdir=runs/imported --chat --prompt='Hello'
 python main.py --mode=import_hf --hf_dir=HF_DIR --workdir=runs/imported
@@ -39,9 +41,10 @@ import process_setup
 from mimo_jax import chat, checkpoint, data, hf, sharding, train
 from mimo_jax.generate import generate
 from mimo_jax.post_training import mopd, rl, sft
+from mimo_jax.post_training.agent import episodes
 
 PROG = "main.py"
-MODES = ("train", "eval", "generate", "import_hf", "export_hf", "sft", "rl", "mopd")
+MODES = ("train", "eval", "generate", "import_hf", "export_hf", "sft", "rl", "mopd", "episode")
 # A hub directory's tokenizer: vocabulary, special tokens, chat template, stop ids.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", chat.TEMPLATE_FILE)  # fmt: skip
@@ -62,6 +65,7 @@ flags.DEFINE_integer("top_k", 0, "Generate: top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Generate: nucleus mass (1 = off).")
 flags.DEFINE_integer("num_draft_tokens", 0, "Generate: MTP draft tokens per step (0..3).")
 flags.DEFINE_integer("seed", 0, "Generate: sampling seed.")
+flags.DEFINE_integer("task_index", 0, "Episode: which held-out agent task to play.")
 flags.DEFINE_bool(
     "distributed",
     False,
@@ -97,6 +101,15 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str | None = None) -> None
     finally:
         ckpt.close()
     print(f"imported {hf_dir} -> {workdir}")
+
+
+def show_episode(config, workdir: str, index: int) -> None:
+    """Prints the workdir's policy's greedy episode on a held-out agent task."""
+    if not episodes.is_agent(config):
+        raise ValueError('--mode=episode needs an agent config (config.task.name="agent")')
+    tokenizer = data.load_tokenizer(config.data.tokenizer or None)
+    episode = episodes.example_episode(config, _restore(workdir), tokenizer, index)
+    print(episodes.format_episode(episode))
 
 
 def export_hf(workdir: str, hf_dir: str, overwrite: bool = False) -> None:
@@ -258,6 +271,8 @@ def run(argv):
         import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.param_dtype)
     elif FLAGS.mode == "export_hf":
         export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.overwrite)
+    elif FLAGS.mode == "episode":
+        show_episode(FLAGS.config, FLAGS.workdir, FLAGS.task_index)
 
 
 if __name__ == "__main__":

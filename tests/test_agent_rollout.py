@@ -13,6 +13,7 @@ from numerics_testing import FP32_REL, assert_close
 import mimo_jax
 from mimo_jax.data import ByteTokenizer
 from mimo_jax.post_training import r3
+from mimo_jax.post_training.rollout import stop_token
 from mimo_jax.post_training.agent import rollout as agent_rollout
 from mimo_jax.sampling import Sampling, token_logprobs
 
@@ -72,6 +73,7 @@ def test_masks_logprobs_and_routing_match_a_fresh_forward(model):
     logp = np.stack([e.segments[0].logprobs for e in episodes])
     routing = np.stack([e.segments[0].routing for e in episodes], axis=1)  # [L, B, S, k]
     tok = ByteTokenizer()
+    stop = stop_token(tok)
     for e, row, m in zip(episodes, tokens, mask, strict=True):
         # Model turns are exactly the masked tokens; prompt and tool text never are.
         turns = [t for role, t in e.transcript if role == "model"]
@@ -79,7 +81,7 @@ def test_masks_logprobs_and_routing_match_a_fresh_forward(model):
         runs = [row[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True)]
         assert len(runs) == len(turns)  # one masked run per model turn
         for ids, text in zip(runs, turns, strict=True):
-            assert tok.decode(ids[:-1] if ids[-1] == 0 else ids) == text
+            assert tok.decode(ids[:-1] if ids[-1] == stop else ids) == text
         context = tok.decode(row[m == 0])
         for role, text in e.transcript[:-1]:  # the final observation ends the episode unseen
             if role in ("prompt", "tool"):
@@ -129,5 +131,5 @@ def test_compaction_archives_history_and_restarts_from_the_summary(model):
     assert start == prompt and second.mask[: len(tok.encode(prompt))].sum() == 0
     # The first segment ends with the summary turn (trained), not with later turns.
     first = episode.segments[0]
-    assert tok.decode(first.tokens[first.mask > 0]).replace("\x00", "").endswith(summary)
+    assert tok.decode(first.tokens[first.mask > 0]).replace("\n", "").endswith(summary)
     assert episode.reward == 0.6 and episode.turns == 6 + len(episode.segments) - 1

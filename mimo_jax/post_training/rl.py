@@ -31,6 +31,7 @@ from mimo_jax import checkpoint, data
 from mimo_jax import sharding as sh
 from mimo_jax.config import ModelConfig
 from mimo_jax.post_training import losses, policy, rl_step, rollout, sft, tasks
+from mimo_jax.post_training.agent import episodes
 from mimo_jax.progress import Progress
 from mimo_jax.sampling import Sampling
 from mimo_jax.train import (
@@ -119,14 +120,20 @@ def run(
       The last logged metrics.
     """
     cfg = model_config(config)
-    mixture = policy.mixture_from_config(config)
+    agent = episodes.is_agent(config)
+    if agent:
+        episodes.check_config(config)
+        if teachers_from is not None:
+            raise ValueError('--mode=mopd does not take config.task.name="agent" (agent runs '
+                             "use --mode=rl)")  # fmt: skip
+    mixture = None if agent else policy.mixture_from_config(config)
     tokenizer = data.load_tokenizer(config.data.tokenizer or None)
     mesh = sh.make_mesh(config.mesh.shape)
     with sh.use_mesh(mesh, config.mesh.rules):
         check_config(config, cfg)
     _check_workdir(workdir)
     _check_same_model(workdir, cfg)
-    blind = [d for d in mixture.domains if not mixture.task(d).verifiable]
+    blind = [] if agent else [d for d in mixture.domains if not mixture.task(d).verifiable]
     if blind and teachers_from is None:
         raise ValueError(
             f"config.domains {blind} have no verifier (prompt files): RL needs rewards; "
@@ -227,8 +234,10 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
     writer = MetricsWriter(workdir)
     progress = Progress("rl step", rc.steps, start=start, every_s=math.inf)
     objective = "MOPD" if teachers else "RL"
+    agent = episodes.AgentSource(config, tokenizer) if mixture is None else None
     progress.say(
-        f"{objective} on {'+'.join(mixture.domains)} from {init_from}: "
+        f"{objective} on {'agent tasks' if agent else '+'.join(mixture.domains)} "
+        f"from {init_from}: "
         f"{rc.prompts_per_step} prompts x "
         f"{rc.group_size} samples per step, {rc.rollout_dtype} rollouts, routing replay "
         f"{'on' if rc.routing_replay else 'off'}; {workdir}: "
@@ -236,6 +245,8 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
     )
 
     def heldout(model) -> dict[str, float]:
+        if agent is not None:
+            return agent.heldout(model)
         return rollout.heldout_metrics(model, mixture, tokenizer, num_prompts=rc.heldout_prompts)
 
     last: dict[str, float] = {}
@@ -251,12 +262,23 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
         nnx.update((model, opt), state)
         t0 = time.perf_counter()
         rollout.sync_rollout_model(roll, model)
-        ro, domains = _sample(roll, mixture, tokenizer, rc, config.seed, step)
-        timer.add("rollout_s", t0)
-        generated += float(ro.response_mask.sum())
-        t0 = time.perf_counter()
-        rewards = score(mixture, ro, domains)
-        host_batch = rl_step.build_batch(ro, rewards, rc)
+        if agent is not None:  # episodes are scored as they end
+            seeds = (step_seed(config.seed, step, s) for s in (_PROMPT_STREAM, _SAMPLE_STREAM))
+            sampled = agent.sample(roll, *seeds)
+            host_batch, rewards, domains = sampled.batch, sampled.rewards, None
+            stats = {"response_length": sampled.stats["model_tokens"], "mean_accepted_length": 1.0,
+                     **sampled.stats}  # fmt: skip
+            timer.add("rollout_s", t0)
+            t0 = time.perf_counter()
+        else:
+            ro, domains = _sample(roll, mixture, tokenizer, rc, config.seed, step)
+            timer.add("rollout_s", t0)
+            t0 = time.perf_counter()
+            rewards = score(mixture, ro, domains)
+            host_batch = rl_step.build_batch(ro, rewards, rc)
+            stats = {"response_length": float(ro.response_mask.sum(axis=1).mean()),
+                     "mean_accepted_length": ro.mean_accepted_length}  # fmt: skip
+        generated += float(host_batch["mask"].sum())
         if teachers:
             t1 = time.perf_counter()
             host_batch["teacher_logp"] = teachers.logp(host_batch, domains)
@@ -267,7 +289,8 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
         if rc.updates_per_step > 1:
             host_batch["old_logp"] = np.asarray(logp_fn(model, batch))
         probed = probe(model, batch) if log and "routing" in batch else {}
-        n, per = rc.updates_per_step, rc.prompts_per_step * rc.group_size // rc.updates_per_step
+        n = rc.updates_per_step
+        per = len(host_batch["tokens"]) // n
         step_metrics = []
         for u in range(n):
             rows = slice(u * per, (u + 1) * per)
@@ -280,19 +303,18 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
             m = jax.device_get(step_metrics)
             metrics = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
             metrics.update({k: float(v) for k, v in jax.device_get(probed).items()})
-            lengths = ro.response_mask.sum(axis=1)
             groups = rewards.reshape(rc.prompts_per_step, rc.group_size)
             metrics.update(
                 reward_mean=float(rewards.mean()),
                 reward_std=float(rewards.std()),
                 train_success=float(np.mean(rewards == 1.0)),
                 tied_group_share=float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
-                response_length=float(lengths.mean()),
-                mean_accepted_length=ro.mean_accepted_length,
+                **stats,
                 rollout_tokens_per_sec=generated / max(timer.s["rollout_s"], 1e-9),
             )
             generated = 0.0
-            metrics.update(_per_domain("reward", rewards, domains, mixture))
+            if mixture is not None:
+                metrics.update(_per_domain("reward", rewards, domains, mixture))
             if teachers:
                 kl = teachers.reverse_kl(host_batch)  # [B] per row
                 metrics["reverse_kl"] = float(np.mean(kl))

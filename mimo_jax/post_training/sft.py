@@ -28,6 +28,7 @@ from mimo_jax.config import ModelConfig
 from mimo_jax.loss import chunked_cross_entropy, cross_entropy
 from mimo_jax.model import MiMoV2Flash
 from mimo_jax.post_training import policy, rollout, sft_data, tasks
+from mimo_jax.post_training.agent import episodes
 from mimo_jax.progress import Progress
 from mimo_jax.train import (
     _check_same_model,
@@ -78,7 +79,12 @@ def load_dataset(
     """
     sc = config.sft
     mixture, source = None, sc.data
-    if sc.data == "task":
+    if episodes.is_agent(config):  # every model turn of scripted successful episodes
+        if sc.data != "task":
+            raise ValueError(f'config.sft.data={sc.data!r}: an agent run takes its SFT rows from '
+                             'its task suite (config.sft.data = "task")')  # fmt: skip
+        rows, source = episodes.sft_examples(config), "task:agent"
+    elif sc.data == "task":
         # Through the Task, not load_examples("task:..."): the configured options apply.
         mixture = policy.mixture_from_config(config)
         rows = mixture.sft_examples(config.seed, sc.num_examples)
@@ -214,8 +220,11 @@ def _sft(config, workdir, cfg, tokenizer, dataset, mixture) -> dict[str, float]:
         + f"; metrics every {tc.log_every} steps in metrics.jsonl"
     )  # fmt: skip
     heldout = mixture is not None and sc.heldout_prompts > 0
+    agent = episodes.AgentSource(config, tokenizer) if episodes.is_agent(config) else None
 
     def eval_fn():
+        if agent is not None:
+            return agent.heldout(model)
         if not heldout:
             return {}
         return rollout.heldout_metrics(model, mixture, tokenizer, num_prompts=sc.heldout_prompts)

@@ -19,6 +19,7 @@ restarts from its first observation plus the summary, in the same batch: its cac
 (``KVCache.truncate`` to 0) and the new context appended from position 0.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -220,6 +221,8 @@ def run_episodes(
     top_k: int = 0,
     chunk: int = 32,
     compact_fraction: float = 0.0,
+    max_segments: int = 8,
+    workers: int = 1,
     record: bool = True,
 ) -> list[Episode]:
     """Runs one episode per environment, all rows batched, until every episode ends.
@@ -239,6 +242,9 @@ def run_episodes(
         caches keep this many spare slots).
       compact_fraction: context management: ask for a summary and restart the row from it when
         its context would pass this fraction of ``max_context`` (0: never).
+      max_segments: contexts per episode at most: an episode that would need another
+        compaction is cut (``info["cut"] = "max_segments"``).
+      workers: threads stepping the environments of a turn (tools run in subprocesses).
       record: record log-probs and routing (training); False for evaluation.
 
     Returns:
@@ -288,6 +294,10 @@ def run_episodes(
             route[:, :end] = routing[:, i, :end]
         return Segment(seg, mask[i].copy(), lp, route, end, tokenizer.decode(seg[:end]))
 
+    def end_episode(i: int, reward: float, info: dict) -> None:
+        episodes[i] = Episode([], float(reward), int(turns[i]), dict(info), transcripts[i])
+
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
     while True:
         live = [i for i in range(b) if episodes[i] is None]
         feed = np.zeros((b, width), np.int32)
@@ -305,6 +315,7 @@ def run_episodes(
         pending: dict[int, str] = {}  # rows whose segment closes here: the restart prompt
         feeds = [np.zeros(0, np.int32)] * b
         starts, resets = np.zeros(b, np.int64), np.zeros(b, bool)
+        acting: list[tuple[int, str]] = []  # (row, model turn) to step in its environment
         for i in live:
             end = int(base[i]) + 1
             mask[i, turn_start[i] : end] = 1.0
@@ -315,24 +326,28 @@ def run_episodes(
             if archived[i]:  # this turn is the summary: the row restarts from it
                 pending[i] = first[i] + COMPACTED.format(path=archived[i]) + text + "\n"
                 archived[i] = ""
-                continue
-            step = envs[i].step(text)
+            else:
+                acting.append((i, text))
+        steps = pool.map(lambda a: envs[a[0]].step(a[1]), acting)
+        for (i, _), step in zip(acting, steps, strict=True):
+            end = int(base[i]) + 1
             transcripts[i].append(("tool", step.observation))
             if step.done:
-                episodes[i] = Episode([], float(step.reward), int(turns[i]), dict(step.info),
-                                      transcripts[i])  # fmt: skip
+                end_episode(i, step.reward, step.info)
                 continue
             obs = step.observation
             grown = end + len(tokenizer.encode(obs))
             if compact_fraction and grown > compact_fraction * size:
+                if len(closed[i]) + 1 >= max_segments:
+                    end_episode(i, 0.0, {**step.info, "cut": "max_segments"})
+                    continue
                 archived[i] = envs[i].archive(_history(transcripts[i]))
                 request = envs[i].summary_request(archived[i])
                 transcripts[i].append(("summary_request", request))
                 obs += request
             ids_obs = np.asarray(tokenizer.encode(obs), np.int32)
             if end + len(ids_obs) + max_turn_tokens + 1 > size:
-                episodes[i] = Episode([], 0.0, int(turns[i]), {**step.info, "cut": "token_budget"},
-                                      transcripts[i])  # fmt: skip
+                end_episode(i, 0.0, {**step.info, "cut": "token_budget"})
                 continue
             # The row's newest token was sampled but not yet run: it leads the feed.
             feeds[i], starts[i] = np.concatenate([tokens[i, end - 1 : end], ids_obs]), end - 1
@@ -348,6 +363,7 @@ def run_episodes(
             transcripts[i].append(("prompt", prompt))
         if all(e is not None for e in episodes):
             break
+    pool.shutdown()
     for i, e in enumerate(episodes):
         e.segments = closed[i]
     return episodes

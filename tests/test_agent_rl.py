@@ -1,0 +1,103 @@
+"""Agent tasks in the post-training loops: SFT rows from scripted episodes, the RL batch of
+episodes (segments as rows), and a short ``--mode=rl`` run on the agent suite end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import agent_tiny
+from mimo_jax.post_training import rl
+from mimo_jax.post_training.agent import episodes, repos, trajectories
+from mimo_jax.post_training.agent.rollout import Episode, Segment
+
+
+def _small_config():
+    c = agent_tiny.get_config()
+    c.model.num_layers = 2
+    c.model.embed_dim = 32
+    c.agent.train_tasks = 4
+    c.agent.heldout_tasks = 3
+    c.agent.max_turn_tokens = 24
+    c.agent.max_turns = 3  # the scripted solution's turns
+    c.train.steps = 2
+    c.train.eval_every = 2
+    c.sft.num_examples = 12
+    c.rl.steps = 2
+    c.rl.prompts_per_step = 2
+    c.rl.group_size = 2
+    c.rl.heldout_every = 2
+    c.rl.log_every = 1
+    return c
+
+
+def test_sft_examples_are_the_turns_of_scripted_episodes():
+    c = _small_config()
+    rows = episodes.sft_examples(c)
+    tasks = repos.suite("train", c.agent.train_tasks, seed=c.seed)
+    assert len(rows) == 3 * len(tasks)  # cat, str_replace, finish
+    for task, turns in zip(tasks, np.reshape(rows, (len(tasks), 3)), strict=True):
+        segments = trajectories.successful_episode(task, episodes.env_config(c))
+        # Each prompt is the context a rollout holds before that turn: every earlier model
+        # turn followed by the stop byte, then the tool's output.
+        context = segments[0][1]
+        for k, row in enumerate(turns):
+            model_turn = segments[1 + 2 * k][1]
+            assert row == {"prompt": context, "response": model_turn, "domain": "agent"}
+            context += model_turn + "\n" + (segments[2 + 2 * k][1] if k < 2 else "")
+        assert task.fix[1] in turns[2]["prompt"] and task.fix[2] in turns[1]["response"]
+
+
+def _segment(size, length, fill):
+    tokens = np.zeros(size, np.int32)
+    tokens[:length] = fill
+    mask = np.zeros(size, np.float32)
+    mask[length // 2 : length] = 1.0
+    routing = np.full((2, size, 1), -1, np.int32)
+    routing[:, : length - 1] = fill
+    return Segment(tokens, mask, -mask, routing, length, "")
+
+
+def test_to_batch_puts_each_segment_in_its_row_with_its_episode_advantage():
+    size = 10
+    eps = [
+        Episode([_segment(size, 6, 1)], 1.0, 2, {}, []),
+        Episode([_segment(size, 4, 2), _segment(size, 8, 3)], 0.0, 3, {}, []),
+    ]
+    adv = np.array([0.7, -0.7], np.float32)
+    batch = episodes.to_batch(eps, np.array([1.0, 0.0]), adv, max_segments=2)
+    assert batch["tokens"].shape == (4, size) and batch["mask"].shape == (4, size - 1)
+    np.testing.assert_array_equal(batch["tokens"][:, 0], [1, 0, 2, 3])  # row 1: unused
+    np.testing.assert_array_equal(batch["advantages"], np.float32([0.7, 0.0, -0.7, -0.7]))
+    assert batch["mask"][1].sum() == 0
+    np.testing.assert_array_equal(batch["mask"][3], eps[1].segments[1].mask[1:])
+    np.testing.assert_array_equal(batch["rollout_logp"][0], eps[0].segments[0].logprobs[1:])
+    assert batch["routing"].shape == (4, 2, size - 1, 1)
+    np.testing.assert_array_equal(batch["routing"][2], eps[1].segments[0].routing[:, :-1])
+    with pytest.raises(ValueError, match="max_segments=1"):
+        episodes.to_batch(eps, np.zeros(2), adv, max_segments=1)
+
+
+def test_bad_agent_config_names_the_field():
+    c = _small_config()
+    c.agent.max_turns = 0
+    with pytest.raises(ValueError, match="config.agent.max_turns"):
+        episodes.check_config(c)
+
+
+def test_agent_rl_run_end_to_end(tmp_path):
+    c = _small_config()
+    workdir = str(tmp_path / "agent")
+    last = rl.run(c, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert rows[0]["step"] == 0 and 0 <= rows[0]["heldout_success"] <= 1
+    assert [r["step"] for r in rows[1:]] == [1, 2]
+    for key in ("reward_mean", "turns", "model_tokens", "cut_share", "r3_kl_replay", "loss"):
+        assert np.isfinite(last[key]), key
+    assert 1 <= last["turns"] <= c.agent.max_turns and last["model_tokens"] > 0
+    assert "heldout_success" in last
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+    # The warm-up ran on the scripted episodes first.
+    assert os.path.isfile(os.path.join(workdir, "sft", "metrics.jsonl"))
