@@ -24,7 +24,7 @@ def get_config():
     c.task.options = ml_collections.ConfigDict()
 
     c.agent = ml_collections.ConfigDict()
-    c.agent.train_tasks = 487  # every training repository of agent.repos.suite
+    c.agent.train_tasks = 2400  # training repositories (agent.repos.suite draws them)
     c.agent.heldout_tasks = 64  # held-out solve rate: greedy episodes on these
     c.agent.max_context = 768  # tokens of one context (the token budget of an episode)
     c.agent.max_turn_tokens = 160  # a str_replace call of the suite is at most ~130 bytes
@@ -39,14 +39,14 @@ def get_config():
     c.agent.workers = 4  # threads stepping environments (sandboxed subprocesses)
 
     # SFT on every model turn of a scripted episode per training task (3 rows each).
-    c.train.steps = 300
+    c.train.steps = 400
     c.train.batch_size = 16
     c.train.seq_len = 640
     c.train.lr = 3e-3
     c.train.warmup_steps = 30
-    c.train.eval_every = 100
+    c.train.eval_every = 200
     c.train.checkpoint_every = 100
-    c.sft.num_examples = 1461  # 3 turns x 487 tasks
+    c.sft.num_examples = 7200  # 3 turns x 2400 tasks
     c.sft.packing = True
 
     c.rl.steps = 100

@@ -3,6 +3,8 @@ episodes (segments as rows), and a short ``--mode=rl`` run on the agent suite en
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from configs import agent_tiny
 from mimo_jax.post_training import rl
 from mimo_jax.post_training.agent import episodes, repos, trajectories
 from mimo_jax.post_training.agent.rollout import Episode, Segment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small_config():
@@ -39,6 +43,7 @@ def test_sft_examples_are_the_turns_of_scripted_episodes():
     assert len(rows) == 3 * len(tasks)  # cat, str_replace, finish
     for task, turns in zip(tasks, np.reshape(rows, (len(tasks), 3)), strict=True):
         segments = trajectories.successful_episode(task, episodes.env_config(c))
+        assert trajectories.scripted_episode(task, episodes.env_config(c)) == segments
         # Each prompt is the context a rollout holds before that turn: every earlier model
         # turn followed by the stop byte, then the tool's output.
         context = segments[0][1]
@@ -101,3 +106,16 @@ def test_agent_rl_run_end_to_end(tmp_path):
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
     # The warm-up ran on the scripted episodes first.
     assert os.path.isfile(os.path.join(workdir, "sft", "metrics.jsonl"))
+
+    # --mode=episode plays the policy on a held-out task and prints the transcript.
+    sizes = {"heldout_tasks": 3, "max_turn_tokens": 24, "max_turns": 3}
+    flags = [f"--config.agent.{k}={v}" for k, v in sizes.items()]
+    out = subprocess.run(
+        [sys.executable, "main.py", "--mode=episode", "--config=configs/agent_tiny.py",
+         f"--workdir={workdir}", "--task_index=2", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    task = repos.suite("heldout", 3, seed=c.seed)[2]
+    assert f"Issue: {task.issue}" in out.stdout and "--- model ---" in out.stdout
+    assert "--- reward 0.0 after" in out.stdout and "task=heldout/0002" in out.stdout

@@ -8,7 +8,6 @@ by ``rollout.run_episodes`` (``AgentSource``), scored by the hidden tests at ``f
 ``config.agent`` holds the episode settings (docs/post_training.md, "Agentic RL").
 """
 
-import concurrent.futures
 import dataclasses
 
 import jax.numpy as jnp
@@ -59,12 +58,6 @@ def _tasks(config: ml_collections.ConfigDict, split: str) -> list[repos.AgentTas
     return repos.suite(split, n, seed=config.seed)
 
 
-def _map(fn, items, workers: int) -> list:
-    """``[fn(x) for x in items]`` on a thread pool: the work is in sandboxed subprocesses."""
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
-
-
 def sft_examples(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
     """SFT rows ``{"prompt", "response", "domain"}``: every model turn of the scripted
     successful episode of each training task, its prompt the context before it.
@@ -73,8 +66,7 @@ def sft_examples(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
     terminator), as a rollout leaves it; the row's response gets it from ``SFTDataset``.
     """
     cfg = env_config(config)
-    episodes = _map(lambda t: trajectories.successful_episode(t, cfg), _tasks(config, "train"),
-                    config.agent.workers)  # fmt: skip
+    episodes = [trajectories.scripted_episode(t, cfg) for t in _tasks(config, "train")]
     rows = []
     for segments in episodes:
         context = ""

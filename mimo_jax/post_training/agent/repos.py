@@ -40,15 +40,18 @@ RUNNER_PATH = "_run_hidden_tests.py"
 
 # crc32 buckets [0, 20) of an instance key are held out.
 _HELDOUT_BUCKETS = 20
-_MODULES = ("calc", "mathx", "ops", "util", "nums", "arith", "funcs", "helpers")
+# Large name pools: a policy must read names off the repository rather than recall them.
+_MODULES = ("calc", "mathx", "ops", "util", "nums", "arith", "funcs", "helpers", "core", "lib",
+            "tools", "num", "basic", "simple", "small", "misc", "algo", "maths", "fns")  # fmt: skip
+_LETTERS = "abcdefghijkmnpqrstuvwxyz"  # no l, o: they read like 1, 0
 _OPERATORS = ("+", "-", "*")
 _OPERATOR_NAMES = {"add": "+", "plus": "+", "sub": "-", "minus": "-", "mul": "*", "times": "*"}
-_OPERATOR_PARAMS = (("a", "b"), ("x", "y"), ("m", "n"), ("p", "q"), ("i", "j"), ("s", "t"))
+_OPERATOR_PARAMS = tuple((a, b) for a in _LETTERS for b in _LETTERS if a < b)
 # Pairs on which +, - and * all differ, so a test call catches any swapped operator.
 _OPERATOR_ARGS = ((2, 5), (7, 3), (4, 6), (9, 2), (3, 8), (6, 4))
 _CONSTANT_PREFIXES = {"add": "+", "sub": "-", "mul": "*"}  # mul4(x) = x * 4
 _CONSTANTS = tuple(range(2, 10))
-_CONSTANT_PARAMS = ("x", "n", "v")
+_CONSTANT_PARAMS = tuple(_LETTERS)
 _CONSTANT_ARGS = tuple(range(2, 10))
 # Off-by-one functions count up to and including the bound; ``{b}`` is the range's end.
 _RANGE_FORMS = {
@@ -56,7 +59,7 @@ _RANGE_FORMS = {
     "count_to": "list(range(1, {b}))",
     "squares_to": "[i * i for i in range({b})]",
 }
-_RANGE_PARAMS = ("n", "k", "m")
+_RANGE_PARAMS = tuple(c for c in _LETTERS if c != "i")  # i is the comprehension variable
 _RANGE_BAD_OFFSETS = ("", " - 1", " + 2")
 _RANGE_ARGS = (2, 3, 4, 5)
 _TESTS_PER_BUGGY = 4

@@ -9,6 +9,7 @@ observations, byte for byte what a rollout sees, and the reward is checked to be
 from mimo_jax.post_training.agent import tools
 from mimo_jax.post_training.agent.env import AgentEnv, EnvConfig
 from mimo_jax.post_training.agent.repos import AgentTask
+from mimo_jax.post_training.agent.sandbox import ToolResult
 
 Segment = tuple[str, str]  # (role, text); role in ("prompt", "model", "tool")
 _DEFAULT_CONFIG = EnvConfig()
@@ -50,3 +51,30 @@ def successful_episode(task: AgentTask, config: EnvConfig = _DEFAULT_CONFIG) -> 
             f"task {task.name}: the scripted solution got reward {step.reward} ({step.info})"
         )
     return segments
+
+
+def scripted_episode(task: AgentTask, config: EnvConfig = _DEFAULT_CONFIG) -> list[Segment]:
+    """``successful_episode``'s segments built from the task alone, without a sandbox.
+
+    The observations of the scripted solution are known in advance (the file's text, the
+    replacement's confirmation), so SFT data for thousands of tasks needs no subprocess;
+    tests/test_agent_rl.py checks that these segments equal ``successful_episode``'s.
+
+    Args:
+      task: the task to solve.
+      config: episode settings (its ``system_prompt``).
+
+    Returns:
+      The same list as ``successful_episode(task, config)``.
+    """
+    path, old, new = task.fix
+    cat = tools.ToolCall("bash", {"command": f"cat {path}"})
+    replace = tools.ToolCall("str_replace", {"path": path, "old": old, "new": new})
+    return [
+        ("prompt", f"{config.system_prompt}Issue: {task.issue}\n"),
+        ("model", tools.format_call(cat)),
+        ("tool", tools.format_observation(ToolResult(task.files[path], True))),
+        ("model", tools.format_call(replace)),
+        ("tool", tools.format_observation(ToolResult(f"replaced 1 occurrence in {path}", True))),
+        ("model", tools.format_call(tools.ToolCall("finish", {}))),
+    ]
