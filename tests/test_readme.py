@@ -94,6 +94,13 @@ COVERAGE = {
     "python main.py --mode=sft --config=configs/rl_tiny.py --workdir=runs/sft_tiny": ByTests(
         "test_sft.py::test_sft_command", "test_rl.py::test_cli_rl_runs_and_names_bad_fields"
     ),
+    "python main.py --mode=rl --config=configs/agent_tiny.py --workdir=runs/agent_tiny": ByTests(
+        "test_agent_rl.py::test_agent_rl_run_end_to_end"
+    ),
+    (
+        "python main.py --mode=episode --config=configs/agent_tiny.py --workdir=runs/agent_tiny "
+        "--task_index=0"
+    ): ByTests("test_agent_rl.py::test_agent_rl_run_end_to_end"),
     "python main.py --mode=rl --config=configs/rl_tiny.py --workdir=runs/rl_tiny": ByTests(
         "test_rl.py::test_cli_rl_runs_and_names_bad_fields",
         "test_rl.py::test_resume_follows_the_uninterrupted_run",
