@@ -4,8 +4,9 @@ baselines on two tasks, under one RL step budget.
 On ``configs/mopd_tiny.py``, from a domain teacher per task and a student SFT'd on the mixture
 (made first with ``rl.run`` / ``sft.run`` when ``<workdir>`` does not hold them):
 
-* teachers: ``<workdir>/teacher_<domain>`` (``get_config("teacher_<domain>")``: SFT warm-up and
-  GRPO on that task alone); student: ``<workdir>/mopd_student`` (``get_config()``, SFT);
+* student: ``<workdir>/mopd_student`` (``get_config()``, SFT on both tasks); teachers:
+  ``<workdir>/teacher_<domain>`` (``get_config("teacher_<domain>")``: the student, GRPO'd on
+  that task alone);
 * methods, each from the student with ``--steps`` RL steps in all, in
   ``<workdir>/mopd_table/<method>`` (a finished run is reused, an interrupted one resumes):
 
@@ -217,11 +218,11 @@ def main(argv=None):
     config.mopd.teachers = ml_collections.ConfigDict(
         {d: os.path.join(a.workdir, f"teacher_{d}") for d in domains}
     )
-    setup_wall = {}
-    for d in domains:
+    setup_wall = {"student": ensure(sft.run, config, student_dir, config.train.steps)}
+    for d in domains:  # each teacher: the student, RL'd on its domain alone
         tc = load_config(a, f"teacher_{d}")
+        tc.init_from = student_dir
         setup_wall[f"teacher_{d}"] = ensure(rl.run, tc, config.mopd.teachers[d], tc.rl.steps)
-    setup_wall["student"] = ensure(sft.run, config, student_dir, config.train.steps)
     runs = method_runs(config, a, student_dir, os.path.join(a.workdir, "mopd_table"))
 
     cfg = model_config(config)

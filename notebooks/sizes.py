@@ -158,8 +158,9 @@ def mopd(
 
     Returns:
       (reversal teacher, addition teacher, student): ``get_config("teacher_reversal")``,
-      ``get_config("teacher_addition")`` (``--mode=rl``: SFT warm-up then GRPO on one task) and
-      ``get_config()`` (``domains``: both tasks; ``--mode=sft`` then ``--mode=mopd``).
+      ``get_config("teacher_addition")`` (``--mode=rl``: GRPO on one task from the student; the
+      notebook sets ``init_from``) and ``get_config()`` (``domains``: both tasks; ``--mode=sft``
+      then ``--mode=mopd``).
     """
     configs = tuple(mopd_tiny.get_config(a) for a in ("teacher_reversal", "teacher_addition"))
     configs += (mopd_tiny.get_config(),)

@@ -56,8 +56,10 @@ def test_mopd_table_smoke(tmp_path):
     assert score["sequential"]["addition"] == _rows(seq[1])[-1]["heldout_success"]
     assert score["student"]["reversal"] == _rows(seq[0])[0]["heldout_success"]  # its step 0
     for d in domains:
-        teacher = _rows(res["teacher_dirs"][d])[-1]
-        assert score["teachers"][d] == teacher["heldout_success"]
+        teacher = _rows(res["teacher_dirs"][d])
+        assert score["teachers"][d] == teacher[-1]["heldout_success"]
+        # Each teacher is the student RL'd on its domain: its step 0 is the student.
+        assert teacher[0]["step"] == 0 and teacher[0]["heldout_success"] == score["student"][d]
         gap = score["mopd"][d] - score["teachers"][d]
         np.testing.assert_allclose(res["mopd_gap"][d], gap, rtol=1e-12)
         assert res["mopd_reaches_teacher"][d] == (gap >= -0.02)

@@ -159,7 +159,8 @@ def test_mopd_resume_follows_the_uninterrupted_run(teachers, tmp_path):
     mopd.run(c, part)
     a, b = _metrics(full), _metrics(part)
     for s in (1, 2, 3, 4):
-        for k in ("reward_mean", "loss", "reverse_kl", "reverse_kl_addition", "masked_share"):
+        for k in ("reward_mean", "loss", "reverse_kl", "reverse_kl_addition", "masked_share",
+                  "masked_share_addition"):  # fmt: skip
             np.testing.assert_allclose(b[s][k], a[s][k], atol=1e-6, rtol=0, err_msg=f"{k}@{s}")
     assert "heldout_success_reversal" in b[4] and "teacher_share" in b[4]
     pa = nnx.state(checkpoint.load_model(full), nnx.Param)
@@ -186,3 +187,27 @@ def test_a_prompt_file_domain_learns_from_its_teacher_only(teachers, tmp_path):
     last = _metrics(str(tmp_path / "run"))[2]
     assert last["reward_addition"] == 0.0 and np.isfinite(last["reverse_kl_addition"])
     assert "heldout_success_reversal" in last and "heldout_success_addition" not in last
+
+
+def test_masked_share_per_domain():
+    """``masked_share_<domain>`` counts eq. 8's dropped tokens over that domain's rows only: rows
+    whose rollout log-probs match the training forward keep every token, rows whose rollout
+    engine put e^3 times less mass on its tokens (ratio outside [0.5, 2]) drop them all."""
+    c = _config({"reversal": "self", "addition": "self"}, routing_replay=False)
+    cfg = train.model_config(c)
+    model = MiMoV2Flash(cfg, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, 256, (4, 12)).astype(np.int32)
+    mask = np.zeros((4, 11), np.float32)
+    mask[:, 5:] = 1.0
+    batch = {"tokens": tokens, "mask": mask, "advantages": np.zeros(4, np.float32)}
+    logp = np.asarray(rl_step.make_logp_fn(SAMPLING, replay=False)(model, batch))
+    domain = np.array([0, 1, 1, 0], np.int32)  # reversal, addition (c.domains is sorted)
+    batch.update(
+        domain=domain, teacher_logp=logp,
+        rollout_logp=np.where(domain[:, None] == 1, logp - 3.0, logp).astype(np.float32),
+    )  # fmt: skip
+    loss_fn = rl_step.make_loss_fn(cfg, c.rl, SAMPLING, c.mopd, domains=("reversal", "addition"))
+    _, (metrics, _) = loss_fn(model, batch)
+    assert float(metrics["masked_share_reversal"]) == 0.0
+    assert float(metrics["masked_share_addition"]) == 1.0
+    np.testing.assert_allclose(float(metrics["masked_share"]), 0.5, rtol=1e-6)

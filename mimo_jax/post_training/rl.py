@@ -225,9 +225,12 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
     roll = rollout.rollout_model(model, rc.rollout_dtype)
     sampling = Sampling(float(rc.temperature), int(rc.top_k), 1.0)
     graphdef, state = nnx.split((model, opt))
+    # MOPD on several domains: per-domain masked shares need each row's domain index.
+    per_domain = tuple(mixture.domains) if teachers and len(mixture.domains) > 1 else ()
     train_step = make_train_step(
         graphdef, cfg, _optimizer_fields(rc), sh.state_shardings((model, opt)),
-        loss_fn=rl_step.make_loss_fn(cfg, rc, sampling, config.get("mopd") if teachers else None),
+        loss_fn=rl_step.make_loss_fn(cfg, rc, sampling, config.get("mopd") if teachers else None,
+                                     domains=per_domain),
     )  # fmt: skip
     logp_fn = rl_step.make_logp_fn(sampling, rc.routing_replay)
     probe = rl_step.make_r3_probe(cfg, sampling)
@@ -282,6 +285,8 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
         if teachers:
             t1 = time.perf_counter()
             host_batch["teacher_logp"] = teachers.logp(host_batch, domains)
+            if per_domain:
+                host_batch["domain"] = np.array([per_domain.index(d) for d in domains], np.int32)
             timer.add("teacher_s", t1)
         batch = {k: sh.put_batch(v) for k, v in host_batch.items()}
         if ref is not None:

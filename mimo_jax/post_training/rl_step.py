@@ -119,6 +119,7 @@ def make_loss_fn(
     rc: ml_collections.ConfigDict,
     sampling: Sampling,
     mopd: ml_collections.ConfigDict | None = None,
+    domains: tuple[str, ...] = (),
 ):
     """The ``loss_fn(model, batch) -> (loss, (metrics, expert_load))`` of an RL or MOPD step.
 
@@ -136,6 +137,8 @@ def make_loss_fn(
       rc: ``config.rl``.
       sampling: the rollout's sampling (temperature, top-k).
       mopd: ``config.mopd`` for the distillation objective; None for RL.
+      domains: MOPD over several domains: their names, in the order of the batch's ``domain``
+        row indices (int32 [B]); adds ``masked_share_<domain>`` per domain.
     """
     dual = rc.dual_clip_c or None
     want_mtp = bool(rc.mtp_loss_weight) and cfg.num_mtp_layers > 0
@@ -143,11 +146,18 @@ def make_loss_fn(
     def objective(logp, batch):
         mask = batch["mask"]
         if mopd is not None:
-            return losses.mopd_loss(
+            loss, metrics = losses.mopd_loss(
                 logp, batch["teacher_logp"], batch["rollout_logp"], mask,
                 eps_low=mopd.eps_low, eps_high=mopd.eps_high, alpha=mopd.alpha,
                 orm_advantages=batch["advantages"], baseline=mopd.get("baseline", False),
             )  # fmt: skip
+            for k, name in enumerate(domains):  # eq. 8's dropped share over each domain's rows
+                rows = (batch["domain"] == k).astype(mask.dtype)[:, None]  # [B, 1]
+                metrics[f"masked_share_{name}"] = losses.importance_weights(
+                    jax.lax.stop_gradient(logp), batch["rollout_logp"], mask * rows,
+                    low=mopd.eps_low, high=mopd.eps_high,
+                )[1]  # fmt: skip
+            return loss, metrics
         old = batch.get("old_logp", jax.lax.stop_gradient(logp))
         weights, metrics = None, {}
         if rc.importance_weights:
