@@ -13,8 +13,8 @@ from numerics_testing import FP32_REL, assert_close
 import mimo_jax
 from mimo_jax.data import ByteTokenizer
 from mimo_jax.post_training import r3
-from mimo_jax.post_training.rollout import stop_token
 from mimo_jax.post_training.agent import rollout as agent_rollout
+from mimo_jax.post_training.rollout import stop_token
 from mimo_jax.sampling import Sampling, token_logprobs
 
 # Window 6 and chunk 8: observations of 20-40 bytes span several chunks and pass the window.
