@@ -71,7 +71,7 @@ def test_to_batch_puts_each_segment_in_its_row_with_its_episode_advantage():
         Episode([_segment(size, 4, 2), _segment(size, 8, 3)], 0.0, 3, {}, []),
     ]
     adv = np.array([0.7, -0.7], np.float32)
-    batch = episodes.to_batch(eps, np.array([1.0, 0.0]), adv, max_segments=2)
+    batch = episodes.to_batch(eps, adv, max_segments=2)
     assert batch["tokens"].shape == (4, size) and batch["mask"].shape == (4, size - 1)
     np.testing.assert_array_equal(batch["tokens"][:, 0], [1, 0, 2, 3])  # row 1: unused
     np.testing.assert_array_equal(batch["advantages"], np.float32([0.7, 0.0, -0.7, -0.7]))
@@ -81,7 +81,7 @@ def test_to_batch_puts_each_segment_in_its_row_with_its_episode_advantage():
     assert batch["routing"].shape == (4, 2, size - 1, 1)
     np.testing.assert_array_equal(batch["routing"][2], eps[1].segments[0].routing[:, :-1])
     with pytest.raises(ValueError, match="max_segments=1"):
-        episodes.to_batch(eps, np.zeros(2), adv, max_segments=1)
+        episodes.to_batch(eps, adv, max_segments=1)
 
 
 def test_bad_agent_config_names_the_field():

@@ -9,6 +9,7 @@ by ``rollout.run_episodes`` (``AgentSource``), scored by the hidden tests at ``f
 """
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import ml_collections
@@ -94,9 +95,7 @@ class Sampled:
     stats: dict[str, float]
 
 
-def to_batch(
-    episodes: list[Episode], rewards: np.ndarray, advantages: np.ndarray, max_segments: int
-) -> dict:
+def to_batch(episodes: list[Episode], advantages: np.ndarray, max_segments: int) -> dict:
     """The training batch of ``episodes``: each segment a row, with its episode's advantage."""
     first = episodes[0].segments[0]
     size = first.tokens.shape[0]
@@ -136,8 +135,12 @@ class AgentSource:
         check_config(config)
         self.config, self.tokenizer = config, tokenizer
         self.env_cfg = env_config(config)
-        self.train = _tasks(config, "train")
         self.heldout_tasks = _tasks(config, "heldout")
+
+    @functools.cached_property
+    def train(self) -> list[repos.AgentTask]:
+        """The training tasks, rendered on first use (held-out scoring needs none)."""
+        return _tasks(self.config, "train")
 
     def _episodes(self, model, tasks_, *, temperature: float, seed: int, record: bool):
         ac = self.config.agent
@@ -173,7 +176,7 @@ class AgentSource:
                 jnp.asarray(rewards), group_size=rc.group_size, normalize_std=rc.advantage == "grpo"
             )  # fmt: skip
         )
-        batch = to_batch(episodes, rewards, adv, self.config.agent.max_segments)
+        batch = to_batch(episodes, adv, self.config.agent.max_segments)
         return Sampled(batch, rewards, _stats(episodes))
 
     def heldout(self, model: MiMoV2Flash) -> dict[str, float]:

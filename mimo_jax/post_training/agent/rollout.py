@@ -283,6 +283,7 @@ def run_episodes(
                              f"{max_turn_tokens} in max_context={size}: {o[:80]!r}...")  # fmt: skip
     starts = np.zeros(b, np.int64)
     resets = np.zeros(b, bool)
+    ends = np.zeros(b, np.int64)
 
     def segment(i: int, end: int, tokens, logprobs, routing) -> Segment:
         seg = np.zeros(size, np.int32)
@@ -294,76 +295,79 @@ def run_episodes(
             route[:, :end] = routing[:, i, :end]
         return Segment(seg, mask[i].copy(), lp, route, end, tokenizer.decode(seg[:end]))
 
-    def end_episode(i: int, reward: float, info: dict) -> None:
+    def end_episode(i: int, end: int, reward: float, info: dict) -> None:
         episodes[i] = Episode([], float(reward), int(turns[i]), dict(info), transcripts[i])
+        ends[i] = end  # its last segment is read off the device once, after the loop
 
-    pool = concurrent.futures.ThreadPoolExecutor(workers)
-    while True:
-        live = [i for i in range(b) if episodes[i] is None]
-        feed = np.zeros((b, width), np.int32)
-        length = np.zeros(b, np.int32)
-        for i in live:
-            feed[i, : len(feeds[i])] = feeds[i]
-            length[i] = len(feeds[i])
-            turn_start[i] = starts[i] + len(feeds[i])
-        s = _append(
-            model, s, jnp.asarray(feed), jnp.asarray(starts, jnp.int32), jnp.asarray(length),
-            jnp.asarray(resets), chunk=chunk, sampling=sampling, eos=eos,
-        )  # fmt: skip
-        s = _turn(model, s, sampling=sampling, max_new=max_turn_tokens, eos=eos)
-        tokens, base = np.asarray(s.tokens), np.asarray(s.base)
-        pending: dict[int, str] = {}  # rows whose segment closes here: the restart prompt
-        feeds = [np.zeros(0, np.int32)] * b
-        starts, resets = np.zeros(b, np.int64), np.zeros(b, bool)
-        acting: list[tuple[int, str]] = []  # (row, model turn) to step in its environment
-        for i in live:
-            end = int(base[i]) + 1
-            mask[i, turn_start[i] : end] = 1.0
-            ids = tokens[i, turn_start[i] : end]
-            text = tokenizer.decode(ids[:-1] if ids[-1] in eos else ids)
-            transcripts[i].append(("model", text))
-            turns[i] += 1
-            if archived[i]:  # this turn is the summary: the row restarts from it
-                pending[i] = first[i] + COMPACTED.format(path=archived[i]) + text + "\n"
-                archived[i] = ""
-            else:
-                acting.append((i, text))
-        steps = pool.map(lambda a: envs[a[0]].step(a[1]), acting)
-        for (i, _), step in zip(acting, steps, strict=True):
-            end = int(base[i]) + 1
-            transcripts[i].append(("tool", step.observation))
-            if step.done:
-                end_episode(i, step.reward, step.info)
-                continue
-            obs = step.observation
-            grown = end + len(tokenizer.encode(obs))
-            if compact_fraction and grown > compact_fraction * size:
-                if len(closed[i]) + 1 >= max_segments:
-                    end_episode(i, 0.0, {**step.info, "cut": "max_segments"})
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        while True:
+            live = [i for i in range(b) if episodes[i] is None]
+            feed = np.zeros((b, width), np.int32)
+            length = np.zeros(b, np.int32)
+            for i in live:
+                feed[i, : len(feeds[i])] = feeds[i]
+                length[i] = len(feeds[i])
+                turn_start[i] = starts[i] + len(feeds[i])
+            s = _append(
+                model, s, jnp.asarray(feed), jnp.asarray(starts, jnp.int32), jnp.asarray(length),
+                jnp.asarray(resets), chunk=chunk, sampling=sampling, eos=eos,
+            )  # fmt: skip
+            s = _turn(model, s, sampling=sampling, max_new=max_turn_tokens, eos=eos)
+            tokens, base = np.asarray(s.tokens), np.asarray(s.base)
+            pending: dict[int, str] = {}  # rows whose segment closes here: the restart prompt
+            feeds = [np.zeros(0, np.int32)] * b
+            starts, resets = np.zeros(b, np.int64), np.zeros(b, bool)
+            acting: list[tuple[int, str]] = []  # (row, model turn) to step in its environment
+            for i in live:
+                end = int(base[i]) + 1
+                mask[i, turn_start[i] : end] = 1.0
+                ids = tokens[i, turn_start[i] : end]
+                text = tokenizer.decode(ids[:-1] if ids[-1] in eos else ids)
+                transcripts[i].append(("model", text))
+                turns[i] += 1
+                if archived[i]:  # this turn is the summary: the row restarts from it
+                    pending[i] = first[i] + COMPACTED.format(path=archived[i]) + text + "\n"
+                    archived[i] = ""
+                else:
+                    acting.append((i, text))
+            steps = pool.map(lambda a: envs[a[0]].step(a[1]), acting)
+            for (i, _), step in zip(acting, steps, strict=True):
+                end = int(base[i]) + 1
+                transcripts[i].append(("tool", step.observation))
+                if step.done:
+                    end_episode(i, end, step.reward, step.info)
                     continue
-                archived[i] = envs[i].archive(_history(transcripts[i]))
-                request = envs[i].summary_request(archived[i])
-                transcripts[i].append(("summary_request", request))
-                obs += request
-            ids_obs = np.asarray(tokenizer.encode(obs), np.int32)
-            if end + len(ids_obs) + max_turn_tokens + 1 > size:
-                end_episode(i, 0.0, {**step.info, "cut": "token_budget"})
-                continue
-            # The row's newest token was sampled but not yet run: it leads the feed.
-            feeds[i], starts[i] = np.concatenate([tokens[i, end - 1 : end], ids_obs]), end - 1
-        done_now = [i for i in live if episodes[i] is not None] + list(pending)
-        if done_now:
-            logprobs = np.asarray(s.logprobs)
-            routing = None if s.routing is None else np.asarray(s.routing)
-            for i in done_now:
-                closed[i].append(segment(i, int(base[i]) + 1, tokens, logprobs, routing))
-        for i, prompt in pending.items():
-            mask[i] = 0.0
-            feeds[i], starts[i], resets[i] = np.asarray(tokenizer.encode(prompt), np.int32), 0, True
-            transcripts[i].append(("prompt", prompt))
-        if all(e is not None for e in episodes):
-            break
-    pool.shutdown()
+                obs = step.observation
+                grown = end + len(tokenizer.encode(obs))
+                if compact_fraction and grown > compact_fraction * size:
+                    if len(closed[i]) + 1 >= max_segments:
+                        end_episode(i, end, 0.0, {**step.info, "cut": "max_segments"})
+                        continue
+                    archived[i] = envs[i].archive(_history(transcripts[i]))
+                    request = envs[i].summary_request(archived[i])
+                    transcripts[i].append(("summary_request", request))
+                    obs += request
+                ids_obs = np.asarray(tokenizer.encode(obs), np.int32)
+                if end + len(ids_obs) + max_turn_tokens + 1 > size:
+                    end_episode(i, end, 0.0, {**step.info, "cut": "token_budget"})
+                    continue
+                # The row's newest token was sampled but not yet run: it leads the feed.
+                feeds[i], starts[i] = np.concatenate([tokens[i, end - 1 : end], ids_obs]), end - 1
+            if pending:  # the compacted rows' contexts are about to be emptied: read them now
+                logprobs = np.asarray(s.logprobs)
+                routing = None if s.routing is None else np.asarray(s.routing)
+                for i in pending:
+                    closed[i].append(segment(i, int(base[i]) + 1, tokens, logprobs, routing))
+            for i, prompt in pending.items():
+                mask[i] = 0.0
+                feeds[i] = np.asarray(tokenizer.encode(prompt), np.int32)
+                starts[i], resets[i] = 0, True
+                transcripts[i].append(("prompt", prompt))
+            if all(e is not None for e in episodes):
+                break
+    # A finished row is never written again below its end: one read serves every last segment.
+    tokens, logprobs = np.asarray(s.tokens), np.asarray(s.logprobs)
+    routing = None if s.routing is None else np.asarray(s.routing)
     for i, e in enumerate(episodes):
-        e.segments = closed[i]
+        e.segments = [*closed[i], segment(i, int(ends[i]), tokens, logprobs, routing)]
     return episodes
