@@ -6,45 +6,63 @@ episodes with routing replay, rewarded by each repository's hidden tests. ``--mo
 the warm-up. docs/post_training.md ("Agentic RL") explains the fields.
 """
 
+import os
+
 import ml_collections
 
 from configs import rl_tiny
 
+# The suite's BPE tokenizer (mimo_jax/post_training/agent/vocab.py): ~170 tokens per solved
+# episode, a code line ~5 tokens, EOS ends a turn.
+TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent_tokenizer")
+
 
 def get_config():
     c = rl_tiny.get_config()
-    # Fixing a bug means copying its line from a tool's output ~100-300 bytes back into the
-    # str_replace call: more global layers (0, 1, 3) and a context for a whole episode.
+    # Fixing a bug means copying its line from a tool's output ~40-100 tokens back into the
+    # str_replace call: more global layers and a context for a whole episode.
+    c.data.tokenizer = TOKENIZER
+    c.model.vocab_size = 512
     c.model.global_every = 2
     c.model.sliding_window = 32
     c.model.num_mtp_layers = 1
-    c.model.max_position_embeddings = 768
+    c.model.max_position_embeddings = 320
+    # Wider than rl_tiny, multi-head K/V: copying names and lines forms within ~1000 SFT steps
+    # (half as many as at width 64 with one global K/V head).
+    c.model.embed_dim = 128
+    c.model.mlp_dim = 256
+    c.model.moe_mlp_dim = 128
+    c.model.num_kv_heads = 4
+    c.model.swa_num_kv_heads = 4
+    c.model.head_dim = 32
+    c.model.v_head_dim = 32
     c.model.attention_impl = "xla"  # SFT packing keeps each example's attention to itself
     c.task.name = "agent"
     c.task.options = ml_collections.ConfigDict()
 
     c.agent = ml_collections.ConfigDict()
-    c.agent.train_tasks = 2400  # training repositories (agent.repos.suite draws them)
-    c.agent.heldout_tasks = 64  # held-out solve rate: greedy episodes on these
-    c.agent.max_context = 768  # tokens of one context (the token budget of an episode)
-    c.agent.max_turn_tokens = 160  # a str_replace call of the suite is at most ~130 bytes
+    c.agent.train_tasks = 2400  # SFT repositories (agent.repos.suite draws them)
+    c.agent.rl_tasks = 2400  # RL repositories, drawn after the SFT ones: none seen in SFT
+    c.agent.heldout_tasks = 128  # held-out solve rate: greedy episodes on these
+    c.agent.max_context = 320  # tokens of one context (the token budget of an episode)
+    c.agent.max_turn_tokens = 64  # a str_replace call of the suite is at most ~50 tokens
     c.agent.max_turns = 4  # the scripted solution takes 3
     c.agent.wall_s = 5.0  # wall-time limit of one bash command
     # Context management: summarise and restart when a context passes this fraction of
-    # max_context (0: off). Off here: a solved episode fits in 600 bytes, and the SFT data has
+    # max_context (0: off). Off here: a solved episode fits in 230 tokens, and the SFT data has
     # no summaries to imitate; tests/test_agent_rollout.py covers it.
     c.agent.compact_fraction = 0.0
     c.agent.max_segments = 1  # contexts per episode (1 + compactions); sizes the batch
-    c.agent.chunk = 32  # tokens per cache append of an observation
+    c.agent.chunk = 16  # tokens per cache append of an observation
     c.agent.workers = 4  # threads stepping environments (sandboxed subprocesses)
 
     # SFT on every model turn of a scripted episode per training task (3 rows each).
-    c.train.steps = 400
+    c.train.steps = 1000
     c.train.batch_size = 16
-    c.train.seq_len = 640
+    c.train.seq_len = 256
     c.train.lr = 3e-3
     c.train.warmup_steps = 30
-    c.train.eval_every = 200
+    c.train.eval_every = 250
     c.train.checkpoint_every = 100
     c.sft.num_examples = 7200  # 3 turns x 2400 tasks
     c.sft.packing = True

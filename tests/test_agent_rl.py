@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import agent_tiny
+from mimo_jax.data import ByteTokenizer
 from mimo_jax.post_training import rl
 from mimo_jax.post_training.agent import episodes, repos, trajectories
 from mimo_jax.post_training.agent.rollout import Episode, Segment
@@ -22,6 +23,7 @@ def _small_config():
     c.model.num_layers = 2
     c.model.embed_dim = 32
     c.agent.train_tasks = 4
+    c.agent.rl_tasks = 4
     c.agent.heldout_tasks = 3
     c.agent.max_turn_tokens = 24
     c.agent.max_turns = 3  # the scripted solution's turns
@@ -38,8 +40,10 @@ def _small_config():
 
 def test_sft_examples_are_the_turns_of_scripted_episodes():
     c = _small_config()
-    rows = episodes.sft_examples(c)
-    tasks = repos.suite("train", c.agent.train_tasks, seed=c.seed)
+    rows = episodes.sft_examples(c, ByteTokenizer())
+    tasks, rl_tasks = episodes.training_tasks(c)
+    assert len(tasks) == 4 and len(rl_tasks) == 4
+    assert not {t.files[t.fix[0]] for t in tasks} & {t.files[t.fix[0]] for t in rl_tasks}
     assert len(rows) == 3 * len(tasks)  # cat, str_replace, finish
     for task, turns in zip(tasks, np.reshape(rows, (len(tasks), 3)), strict=True):
         segments = trajectories.successful_episode(task, episodes.env_config(c))

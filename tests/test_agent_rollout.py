@@ -11,7 +11,8 @@ from flax import nnx
 from numerics_testing import FP32_REL, assert_close
 
 import mimo_jax
-from mimo_jax.data import ByteTokenizer
+from configs import agent_tiny
+from mimo_jax.data import ByteTokenizer, load_tokenizer
 from mimo_jax.post_training import r3
 from mimo_jax.post_training.agent import rollout as agent_rollout
 from mimo_jax.post_training.rollout import stop_token
@@ -19,6 +20,8 @@ from mimo_jax.sampling import Sampling, token_logprobs
 
 # Window 6 and chunk 8: observations of 20-40 bytes span several chunks and pass the window.
 CFG = mimo_jax.tiny(num_layers=4, sliding_window=6, initializer_range=0.2, moe_impl="ragged")
+# Bytes ("\n" ends a turn) and the agent suite's BPE tokenizer (EOS ends a turn).
+TOKENIZERS = {"bytes": ByteTokenizer(), "bpe": load_tokenizer(agent_tiny.TOKENIZER)}
 TEMPERATURE = 1.0
 
 
@@ -58,21 +61,25 @@ def model():
     return mimo_jax.MiMoV2Flash(CFG, rngs=nnx.Rngs(0))
 
 
-def _episodes(model, envs, **kw):
+def _episodes(model, envs, tok=TOKENIZERS["bytes"], **kw):
     args = dict(max_context=256, max_turn_tokens=12, temperature=TEMPERATURE, seed=3, chunk=8)
-    return agent_rollout.run_episodes(model, ByteTokenizer(), envs, **{**args, **kw})
+    return agent_rollout.run_episodes(model, tok, envs, **{**args, **kw})
 
 
-def test_masks_logprobs_and_routing_match_a_fresh_forward(model):
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_masks_logprobs_and_routing_match_a_fresh_forward(model, tokenizer):
+    tok = TOKENIZERS[tokenizer]
+    if tok.vocab_size != CFG.vocab_size:
+        model = mimo_jax.MiMoV2Flash(dataclasses.replace(CFG, vocab_size=tok.vocab_size),
+                                     rngs=nnx.Rngs(0))  # fmt: skip
     envs = [ScriptedEnv("a", 3), ScriptedEnv("bb", 1), ScriptedEnv("ccc", 4)]
-    episodes = _episodes(model, envs)
+    episodes = _episodes(model, envs, tok)
     assert [e.turns for e in episodes] == [3, 1, 4]
     assert [e.reward for e in episodes] == [0.3, 0.1, 0.4]
     tokens = np.stack([e.segments[0].tokens for e in episodes])  # [B, S]
     mask = np.stack([e.segments[0].mask for e in episodes])
     logp = np.stack([e.segments[0].logprobs for e in episodes])
     routing = np.stack([e.segments[0].routing for e in episodes], axis=1)  # [L, B, S, k]
-    tok = ByteTokenizer()
     stop = stop_token(tok)
     for e, row, m in zip(episodes, tokens, mask, strict=True):
         # Model turns are exactly the masked tokens; prompt and tool text never are.

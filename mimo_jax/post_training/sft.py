@@ -83,7 +83,7 @@ def load_dataset(
         if sc.data != "task":
             raise ValueError(f'config.sft.data={sc.data!r}: an agent run takes its SFT rows from '
                              'its task suite (config.sft.data = "task")')  # fmt: skip
-        rows, source = episodes.sft_examples(config), "task:agent"
+        rows, source = episodes.sft_examples(config, tokenizer), "task:agent"
     elif sc.data == "task":
         # Through the Task, not load_examples("task:..."): the configured options apply.
         mixture = policy.mixture_from_config(config)

@@ -22,6 +22,7 @@ from mimo_jax.post_training.agent import repos, trajectories
 from mimo_jax.post_training.agent.env import AgentEnv, EnvConfig
 from mimo_jax.post_training.agent.rollout import Episode, run_episodes
 from mimo_jax.post_training.agent.sandbox import Limits
+from mimo_jax.post_training.rollout import stop_token
 
 NAME = "agent"
 DOMAIN = "agent"
@@ -38,8 +39,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError('config.task.name="agent" needs a config.agent section '
                          "(configs/agent_tiny.py)")  # fmt: skip
     ac = config.agent
-    for field in ("train_tasks", "heldout_tasks", "max_context", "max_turn_tokens", "max_turns",
-                  "max_segments", "chunk", "workers"):  # fmt: skip
+    for field in ("train_tasks", "rl_tasks", "heldout_tasks", "max_context", "max_turn_tokens",
+                  "max_turns", "max_segments", "chunk", "workers"):  # fmt: skip
         if ac[field] < 1:
             raise ValueError(f"config.agent.{field}={ac[field]} must be >= 1")
     if not 0 <= ac.compact_fraction < 1:
@@ -54,27 +55,53 @@ def env_config(config: ml_collections.ConfigDict) -> EnvConfig:
     return EnvConfig(max_turns=ac.max_turns, limits=Limits(wall_s=ac.wall_s))
 
 
-def _tasks(config: ml_collections.ConfigDict, split: str) -> list[repos.AgentTask]:
-    n = config.agent.train_tasks if split == "train" else config.agent.heldout_tasks
-    return repos.suite(split, n, seed=config.seed)
+def training_tasks(
+    config: ml_collections.ConfigDict,
+) -> tuple[list[repos.AgentTask], list[repos.AgentTask]]:
+    """The SFT tasks (``config.agent.train_tasks``) and the RL tasks (``rl_tasks``).
+
+    Both come from one draw of the training split, SFT's first: RL samples repositories the
+    warm-up never saw, so the SFT policy cannot have memorised their fixes and its samples on
+    them differ, which is what gives a GRPO group a spread of rewards.
+    """
+    ac = config.agent
+    tasks = repos.suite("train", ac.train_tasks + ac.rl_tasks, seed=config.seed)
+    return tasks[: ac.train_tasks], tasks[ac.train_tasks :]
 
 
-def sft_examples(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
+def stop_text(tokenizer: Tokenizer) -> str:
+    """The text of the stop token that ends a model turn (``rollout.stop_token``).
+
+    Raises:
+      ValueError: the token's text does not encode back to that one token.
+    """
+    stop = stop_token(tokenizer)
+    # An HF tokenizer's decode drops special tokens; the EOS text is its vocabulary entry.
+    hf = hasattr(tokenizer, "tok")
+    text = tokenizer.tok.id_to_token(stop) if hf else tokenizer.decode([stop])
+    if [int(i) for i in tokenizer.encode(text)] != [stop]:
+        raise ValueError(f"the stop token {stop} ({text!r}) does not encode back to itself")
+    return text
+
+
+def sft_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[dict[str, str]]:
     """SFT rows ``{"prompt", "response", "domain"}``: every model turn of the scripted
     successful episode of each training task, its prompt the context before it.
 
-    A model turn in the context is followed by the stop token (``"\\n"``, the byte tokenizer's
-    terminator), as a rollout leaves it; the row's response gets it from ``SFTDataset``.
+    A model turn in the context is followed by the stop token (``stop_text``: ``"\\n"`` for
+    bytes, the EOS of a BPE tokenizer), as a rollout leaves it; the row's response gets it from
+    ``SFTDataset``.
     """
     cfg = env_config(config)
-    episodes = [trajectories.scripted_episode(t, cfg) for t in _tasks(config, "train")]
+    stop = stop_text(tokenizer)
+    episodes = [trajectories.scripted_episode(t, cfg) for t in training_tasks(config)[0]]
     rows = []
     for segments in episodes:
         context = ""
         for role, text in segments:
             if role == "model":
                 rows.append({"prompt": context, "response": text, "domain": DOMAIN})
-                text += "\n"
+                text += stop
             context += text
     return rows
 
@@ -135,12 +162,12 @@ class AgentSource:
         check_config(config)
         self.config, self.tokenizer = config, tokenizer
         self.env_cfg = env_config(config)
-        self.heldout_tasks = _tasks(config, "heldout")
+        self.heldout_tasks = repos.suite("heldout", config.agent.heldout_tasks, seed=config.seed)
 
     @functools.cached_property
     def train(self) -> list[repos.AgentTask]:
-        """The training tasks, rendered on first use (held-out scoring needs none)."""
-        return _tasks(self.config, "train")
+        """The RL tasks (``training_tasks``), rendered on first use (held-out needs none)."""
+        return training_tasks(self.config)[1]
 
     def _episodes(self, model, tasks_, *, temperature: float, seed: int, record: bool):
         ac = self.config.agent
