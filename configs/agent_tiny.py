@@ -26,7 +26,7 @@ def get_config():
     c.model.global_every = 2
     c.model.sliding_window = 32
     c.model.num_mtp_layers = 1
-    c.model.max_position_embeddings = 320
+    c.model.max_position_embeddings = 384
     # Wider than rl_tiny, multi-head K/V: copying names and lines forms within ~1000 SFT steps
     # (half as many as at width 64 with one global K/V head).
     c.model.embed_dim = 128
@@ -44,9 +44,11 @@ def get_config():
     c.agent.train_tasks = 2400  # SFT repositories (agent.repos.suite draws them)
     c.agent.rl_tasks = 2400  # RL repositories, drawn after the SFT ones: none seen in SFT
     c.agent.heldout_tasks = 128  # held-out solve rate: greedy episodes on these
-    c.agent.max_context = 320  # tokens of one context (the token budget of an episode)
+    c.agent.max_context = 384  # tokens of one context (the token budget of an episode)
     c.agent.max_turn_tokens = 64  # a str_replace call of the suite is at most ~50 tokens
-    c.agent.max_turns = 4  # the scripted solution takes 3
+    c.agent.max_turns = 5  # the scripted solution takes 3, a recovery episode 4
+    # SFT tasks that also get a recovery episode: a slipped str_replace, its error, the fix.
+    c.agent.recovery_share = 0.5
     c.agent.wall_s = 5.0  # wall-time limit of one bash command
     # Context management: summarise and restart when a context passes this fraction of
     # max_context (0: off). Off here: a solved episode fits in 230 tokens, and the SFT data has
@@ -59,17 +61,19 @@ def get_config():
     # SFT on every model turn of a scripted episode per training task (3 rows each).
     c.train.steps = 1000
     c.train.batch_size = 16
-    c.train.seq_len = 256
+    c.train.seq_len = 320  # a recovery episode's last row is ~300 tokens
     c.train.lr = 3e-3
     c.train.warmup_steps = 30
     c.train.eval_every = 250
     c.train.checkpoint_every = 100
-    c.sft.num_examples = 7200  # 3 turns x 2400 tasks
+    c.sft.num_examples = 9600  # 3 turns x 2400 tasks + 2 turns x 1200 recoveries
     c.sft.packing = True
 
     c.rl.steps = 100
     c.rl.prompts_per_step = 8  # P tasks
-    c.rl.group_size = 4  # G episodes per task
+    c.rl.group_size = 8  # G episodes per task
+    # Below 1: at 1.0 the SFT policy's samples slip on format tokens and few episodes succeed.
+    c.rl.temperature = 0.7
     c.rl.num_draft_tokens = 0  # agent rollouts decode plainly
     c.rl.lr = 1e-4
     c.rl.heldout_every = 25

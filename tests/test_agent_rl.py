@@ -26,7 +26,7 @@ def _small_config():
     c.agent.rl_tasks = 4
     c.agent.heldout_tasks = 3
     c.agent.max_turn_tokens = 24
-    c.agent.max_turns = 3  # the scripted solution's turns
+    c.agent.max_turns = 4  # a recovery episode's turns
     c.train.steps = 2
     c.train.eval_every = 2
     c.sft.num_examples = 12
@@ -44,8 +44,10 @@ def test_sft_examples_are_the_turns_of_scripted_episodes():
     tasks, rl_tasks = episodes.training_tasks(c)
     assert len(tasks) == 4 and len(rl_tasks) == 4
     assert not {t.files[t.fix[0]] for t in tasks} & {t.files[t.fix[0]] for t in rl_tasks}
-    assert len(rows) == 3 * len(tasks)  # cat, str_replace, finish
-    for task, turns in zip(tasks, np.reshape(rows, (len(tasks), 3)), strict=True):
+    assert c.agent.recovery_share == 0.5
+    assert len(rows) == 3 * len(tasks) + 2 * 2  # cat, str_replace, finish; 2 recoveries
+    clean, recovered = rows[:12], rows[12:]
+    for task, turns in zip(tasks, np.reshape(clean, (len(tasks), 3)), strict=True):
         segments = trajectories.successful_episode(task, episodes.env_config(c))
         assert trajectories.scripted_episode(task, episodes.env_config(c)) == segments
         # Each prompt is the context a rollout holds before that turn: every earlier model
@@ -56,6 +58,28 @@ def test_sft_examples_are_the_turns_of_scripted_episodes():
             assert row == {"prompt": context, "response": model_turn, "domain": "agent"}
             context += model_turn + "\n" + (segments[2 + 2 * k][1] if k < 2 else "")
         assert task.fix[1] in turns[2]["prompt"] and task.fix[2] in turns[1]["response"]
+    # A recovery episode: the slip and its error in the context, then the reference call and
+    # finish as the responses; the real environment gives the same segments and reward 1.
+    for i, task in enumerate(tasks[:2]):
+        mistake = trajectories.slip(task, seed=c.seed * 100_003 + i)
+        assert mistake not in task.files[task.fix[0]] and mistake != task.fix[2]
+        segments = trajectories.successful_episode(task, episodes.env_config(c), mistake)
+        assert trajectories.scripted_episode(task, episodes.env_config(c), mistake) == segments
+        assert [r for r, _ in segments] == ["prompt"] + ["model", "tool"] * 3 + ["model"]
+        assert segments[4][1] == f"<error>\nold string not found in {task.fix[0]}\n</error>\n"
+        fix, finish = recovered[2 * i : 2 * i + 2]
+        assert fix["response"] == segments[5][1] and finish["response"] == segments[7][1]
+        assert fix["prompt"].endswith(segments[3][1] + "\n" + segments[4][1])
+        assert not any(mistake in r["response"] for r in recovered)
+
+
+def test_slip_changes_one_name_or_digit():
+    for task in repos.suite("train", 60, seed=2):
+        old = task.fix[1]
+        for seed in range(3):
+            text = trajectories.slip(task, seed)
+            assert len(text) == len(old) and text not in task.files[task.fix[0]]
+            assert sum(a != b for a, b in zip(text, old, strict=True)) == 1
 
 
 def _segment(size, length, fill):

@@ -43,6 +43,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                   "max_turns", "max_segments", "chunk", "workers"):  # fmt: skip
         if ac[field] < 1:
             raise ValueError(f"config.agent.{field}={ac[field]} must be >= 1")
+    if not 0 <= ac.recovery_share <= 1:
+        raise ValueError(f"config.agent.recovery_share={ac.recovery_share}: in [0, 1]")
     if not 0 <= ac.compact_fraction < 1:
         raise ValueError(f"config.agent.compact_fraction={ac.compact_fraction}: in [0, 1), 0 off")
     if ac.wall_s <= 0:
@@ -86,7 +88,9 @@ def stop_text(tokenizer: Tokenizer) -> str:
 
 def sft_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[dict[str, str]]:
     """SFT rows ``{"prompt", "response", "domain"}``: every model turn of the scripted
-    successful episode of each training task, its prompt the context before it.
+    successful episode of each training task, its prompt the context before it; then, for the
+    first ``config.agent.recovery_share`` of the tasks, the turns of a recovery episode after
+    its slip (``trajectories.slip``). The slip stays in the context but is never a response.
 
     A model turn in the context is followed by the stop token (``stop_text``: ``"\\n"`` for
     bytes, the EOS of a BPE tokenizer), as a rollout leaves it; the row's response gets it from
@@ -94,14 +98,21 @@ def sft_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> lis
     """
     cfg = env_config(config)
     stop = stop_text(tokenizer)
-    episodes = [trajectories.scripted_episode(t, cfg) for t in training_tasks(config)[0]]
+    tasks = training_tasks(config)[0]
+    episodes = [(trajectories.scripted_episode(t, cfg), None) for t in tasks]
+    for i, t in enumerate(tasks[: round(config.agent.recovery_share * len(tasks))]):
+        mistake = trajectories.slip(t, seed=config.seed * 100_003 + i)
+        episodes.append((trajectories.scripted_episode(t, cfg, mistake), mistake))
     rows = []
-    for segments in episodes:
-        context = ""
+    for segments, mistake in episodes:
+        context, turn = "", 0
         for role, text in segments:
             if role == "model":
-                rows.append({"prompt": context, "response": text, "domain": DOMAIN})
+                # A recovery episode's cat is the clean episode's row; its slip is not taught.
+                if mistake is None or turn >= 2:
+                    rows.append({"prompt": context, "response": text, "domain": DOMAIN})
                 text += stop
+                turn += 1
             context += text
     return rows
 
