@@ -3,7 +3,7 @@
 ``python main.py --mode=rl --config=configs/agent_tiny.py --workdir=runs/agent_tiny`` runs the
 SFT warm-up on scripted successful episodes (into ``<workdir>/sft``), then GRPO on sampled
 episodes with routing replay, rewarded by each repository's hidden tests. ``--mode=sft`` runs only
-the warm-up. docs/post_training.md ("Agentic RL") explains the fields.
+the warm-up. docs/agentic_rl.md explains the fields.
 """
 
 import os

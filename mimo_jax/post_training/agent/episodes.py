@@ -5,7 +5,7 @@ A config whose ``task.name`` is ``"agent"`` (``configs/agent_tiny.py``) trains o
 ``repos.suite``'s repositories: ``--mode=sft`` on ``sft_examples`` (each model turn of a scripted
 successful episode, with the context before it as the prompt), ``--mode=rl`` on episodes sampled
 by ``rollout.run_episodes`` (``AgentSource``), scored by the hidden tests at ``finish``.
-``config.agent`` holds the episode settings (docs/post_training.md, "Agentic RL").
+``config.agent`` holds the episode settings (docs/agentic_rl.md).
 """
 
 import dataclasses
