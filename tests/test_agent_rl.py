@@ -24,6 +24,7 @@ def _small_config():
     c.model.embed_dim = 32
     c.agent.train_tasks = 4
     c.agent.rl_tasks = 4
+    c.agent.recovery_share = 0.5
     c.agent.heldout_tasks = 3
     c.agent.max_turn_tokens = 24
     c.agent.max_turns = 4  # a recovery episode's turns
@@ -44,7 +45,6 @@ def test_sft_examples_are_the_turns_of_scripted_episodes():
     tasks, rl_tasks = episodes.training_tasks(c)
     assert len(tasks) == 4 and len(rl_tasks) == 4
     assert not {t.files[t.fix[0]] for t in tasks} & {t.files[t.fix[0]] for t in rl_tasks}
-    assert c.agent.recovery_share == 0.5
     assert len(rows) == 3 * len(tasks) + 2 * 2  # cat, str_replace, finish; 2 recoveries
     clean, recovered = rows[:12], rows[12:]
     for task, turns in zip(tasks, np.reshape(clean, (len(tasks), 3)), strict=True):
