@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mimo_jax.data import Tokenizer
+from mimo_jax.data import ByteTokenizer, Tokenizer
 from mimo_jax.model import MiMoV2Flash
 from mimo_jax.post_training import losses
 from mimo_jax.post_training.agent import repos, trajectories
@@ -79,8 +79,8 @@ def stop_text(tokenizer: Tokenizer) -> str:
     """
     stop = stop_token(tokenizer)
     # An HF tokenizer's decode drops special tokens; the EOS text is its vocabulary entry.
-    hf = hasattr(tokenizer, "tok")
-    text = tokenizer.tok.id_to_token(stop) if hf else tokenizer.decode([stop])
+    bytes_ = isinstance(tokenizer, ByteTokenizer)
+    text = tokenizer.decode([stop]) if bytes_ else tokenizer.tok.id_to_token(stop)
     if [int(i) for i in tokenizer.encode(text)] != [stop]:
         raise ValueError(f"the stop token {stop} ({text!r}) does not encode back to itself")
     return text
