@@ -66,8 +66,10 @@ def get_config():
     c.train.seq_len = 256  # a solved episode is <= 230 tokens (a recovery episode ~300)
     c.train.lr = 3e-3
     c.train.warmup_steps = 30
-    c.train.eval_every = 250
-    c.train.checkpoint_every = 100
+    # Held-out episodes at the warm-up's end only: SFT's own are near 0 before step ~750, and
+    # RL reuses the last as its step 0.
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 250
     c.sft.num_examples = 7200  # 3 turns x 2400 tasks (+ 2 per recovery episode)
     c.sft.packing = True
 
@@ -78,6 +80,6 @@ def get_config():
     c.rl.temperature = 0.7
     c.rl.num_draft_tokens = 0  # agent rollouts decode plainly
     c.rl.lr = 1e-4
-    c.rl.heldout_every = 50
-    c.rl.checkpoint_every = 25
+    c.rl.heldout_every = 150  # start and end (each 128 greedy episodes); 50 for a curve
+    c.rl.checkpoint_every = 50
     return c

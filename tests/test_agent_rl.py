@@ -119,13 +119,21 @@ def test_bad_agent_config_names_the_field():
         episodes.check_config(c)
 
 
-def test_agent_rl_run_end_to_end(tmp_path):
+def test_agent_rl_run_end_to_end(tmp_path, monkeypatch):
     c = _small_config()
     workdir = str(tmp_path / "agent")
+    scored = []
+    heldout = episodes.AgentSource.heldout
+    monkeypatch.setattr(episodes.AgentSource, "heldout",
+                        lambda self, model: scored.append(1) or heldout(self, model))  # fmt: skip
     last = rl.run(c, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
+    with open(os.path.join(workdir, "sft", "metrics.jsonl")) as f:
+        warm = [json.loads(line) for line in f][-1]
     assert rows[0]["step"] == 0 and 0 <= rows[0]["heldout_success"] <= 1
+    # Step 0 is the warm-up's last evaluation, not run again: SFT step 2 and RL step 2 only.
+    assert rows[0]["heldout_success"] == warm["heldout_success"] and len(scored) == 2
     assert [r["step"] for r in rows[1:]] == [1, 2]
     for key in ("reward_mean", "turns", "model_tokens", "cut_share", "r3_kl_replay", "loss"):
         assert np.isfinite(last[key]), key

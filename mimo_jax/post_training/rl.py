@@ -140,13 +140,17 @@ def run(
             "distil them with --mode=mopd"
         )
     init_from = config.init_from
+    warm: dict[str, float] = {}
     if not init_from:
         init_from = os.path.join(workdir, "sft")
         print(f"SFT warm-up in {init_from} (config.init_from is empty)", flush=True)
-        sft.run(config, init_from)
+        warm = sft.run(config, init_from)
+    # An agent warm-up ends with the held-out episodes RL starts from (same weights, same
+    # greedy episodes): its score is step 0's. Other tasks' warm-ups use sft.heldout_prompts.
+    step0 = {k: v for k, v in warm.items() if k.startswith("heldout_")} if agent else {}
     with sh.use_mesh(mesh, config.mesh.rules):
         teachers = teachers_from and teachers_from(mixture, tokenizer, init_from)
-        return _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers)
+        return _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers, step0)
 
 
 class _Timer:
@@ -210,8 +214,9 @@ def _per_domain(name: str, values: np.ndarray, domains: list[str], mixture) -> d
     return {f"{name}_{d}": float(values[rows == d].mean()) for d in mixture.domains}
 
 
-def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[str, float]:
-    """The loop of ``run``, under the run's mesh."""
+def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers, step0) -> dict[str, float]:
+    """The loop of ``run``, under the run's mesh; ``step0``: the start's held-out metrics when
+    already measured (else measured here)."""
     rc = config.rl
     model = policy.init_model(config, cfg, init_from=init_from)
     opt = make_optimizer(model, _optimizer_fields(rc))
@@ -254,10 +259,11 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers) -> dict[s
 
     last: dict[str, float] = {}
     if start == 0:
-        last = heldout(model)
+        last = step0 or heldout(model)
         writer.write(0, last)
         if last:
-            progress.say(f"step 0: heldout_success {last['heldout_success']:.3f}")
+            source = " (the warm-up's last evaluation)" if step0 else ""
+            progress.say(f"step 0: heldout_success {last['heldout_success']:.3f}{source}")
     timer, generated = _Timer(), 0.0
     for step in range(start, rc.steps):
         done = step + 1
