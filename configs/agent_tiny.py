@@ -44,6 +44,9 @@ def get_config():
     c.agent.train_tasks = 2400  # SFT repositories (agent.repos.suite draws them)
     c.agent.rl_tasks = 2400  # RL repositories, drawn after the SFT ones: none seen in SFT
     c.agent.heldout_tasks = 128  # held-out solve rate: greedy episodes on these
+    # ... and the mean over this many episodes per task sampled as RL samples (at rl.temperature):
+    # the rate RL optimises, measured on tasks it never trains on.
+    c.agent.heldout_samples = 4
     c.agent.max_context = 320  # tokens of one context (the token budget of an episode)
     c.agent.max_turn_tokens = 64  # a str_replace call of the suite is at most ~50 tokens
     c.agent.max_turns = 5  # the scripted solution takes 3, a recovery episode 4

@@ -541,8 +541,9 @@ def _progress_fields(m: dict[str, float]) -> str:
     ]
     if "val_loss" in m:
         fields += [f"val_loss {m['val_loss']:.4f}", f"val_bpb {m['val_bpb']:.3f}"]
-    if "heldout_success" in m:
-        fields.append(f"heldout_success {m['heldout_success']:.3f}")
+    for k in ("heldout_success", "heldout_sampled_success"):
+        if k in m:
+            fields.append(f"{k} {m[k]:.3f}")
     return " | ".join(fields)
 
 

@@ -112,10 +112,32 @@ def test_to_batch_puts_each_segment_in_its_row_with_its_episode_advantage():
         episodes.to_batch(eps, adv, max_segments=1)
 
 
+def test_heldout_samples_each_task_k_times_at_the_rl_temperature(monkeypatch):
+    c = _small_config()
+    c.agent.heldout_samples = 3
+    calls = []
+
+    def fake(self, model, tasks_, *, temperature, seed, record):
+        calls.append(([t.name for t in tasks_], temperature))
+        won = {t.name: i % 2 for i, t in enumerate(self.heldout_tasks)}  # tasks 1, 3, ... solved
+        return [Episode([], float(won[t.name]), 3, {}, []) for t in tasks_]
+
+    monkeypatch.setattr(episodes.AgentSource, "_episodes", fake)
+    source = episodes.AgentSource(c, ByteTokenizer())
+    m = source.heldout(model=None)
+    names = [t.name for t in source.heldout_tasks]
+    assert calls == [(names, 0.0), ([n for n in names for _ in range(3)], c.rl.temperature)]
+    assert m["heldout_success"] == m["heldout_sampled_success"] == 1 / 3
+
+
 def test_bad_agent_config_names_the_field():
     c = _small_config()
     c.agent.max_turns = 0
     with pytest.raises(ValueError, match="config.agent.max_turns"):
+        episodes.check_config(c)
+    c = _small_config()
+    c.agent.heldout_samples = -1
+    with pytest.raises(ValueError, match="config.agent.heldout_samples"):
         episodes.check_config(c)
 
 
@@ -132,6 +154,7 @@ def test_agent_rl_run_end_to_end(tmp_path, monkeypatch):
     with open(os.path.join(workdir, "sft", "metrics.jsonl")) as f:
         warm = [json.loads(line) for line in f][-1]
     assert rows[0]["step"] == 0 and 0 <= rows[0]["heldout_success"] <= 1
+    assert 0 <= rows[0]["heldout_sampled_success"] <= 1  # 4 sampled episodes per held-out task
     # Step 0 is the warm-up's last evaluation, not run again: SFT step 2 and RL step 2 only.
     assert rows[0]["heldout_success"] == warm["heldout_success"] and len(scored) == 2
     assert [r["step"] for r in rows[1:]] == [1, 2]

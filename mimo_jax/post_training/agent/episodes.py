@@ -26,6 +26,7 @@ from mimo_jax.post_training.rollout import stop_token
 
 NAME = "agent"
 DOMAIN = "agent"
+_HELDOUT_SEED = 1  # sampling seed of the held-out episodes (training seeds are per step)
 
 
 def is_agent(config: ml_collections.ConfigDict) -> bool:
@@ -49,6 +50,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.agent.compact_fraction={ac.compact_fraction}: in [0, 1), 0 off")
     if ac.wall_s <= 0:
         raise ValueError(f"config.agent.wall_s={ac.wall_s} must be > 0")
+    if ac.heldout_samples < 0:
+        raise ValueError(f"config.agent.heldout_samples={ac.heldout_samples} must be >= 0 (0: off)")
 
 
 def env_config(config: ml_collections.ConfigDict) -> EnvConfig:
@@ -218,12 +221,25 @@ class AgentSource:
         return Sampled(batch, rewards, _stats(episodes))
 
     def heldout(self, model: MiMoV2Flash) -> dict[str, float]:
-        """Greedy solve rate (and episode statistics) on the held-out tasks."""
+        """Solve rates (and greedy episode statistics) on the held-out tasks.
+
+        Returns:
+          ``heldout_success``: the greedy solve rate; with ``agent.heldout_samples`` k > 0 also
+          ``heldout_sampled_success``: the mean over k episodes per task sampled as RL samples
+          (``rl.temperature``, ``rl.top_k``; the same seed at every evaluation).
+        """
         episodes = self._episodes(model, self.heldout_tasks, temperature=0.0, seed=0,
                                   record=False)  # fmt: skip
         solved = np.mean([e.reward == 1.0 for e in episodes])
-        return {"heldout_success": float(solved),
-                **{f"heldout_{k}": v for k, v in _stats(episodes).items()}}  # fmt: skip
+        out = {"heldout_success": float(solved),
+               **{f"heldout_{k}": v for k, v in _stats(episodes).items()}}  # fmt: skip
+        k = self.config.agent.heldout_samples
+        if k:
+            tasks_ = [t for t in self.heldout_tasks for _ in range(k)]
+            sampled = self._episodes(model, tasks_, temperature=self.config.rl.temperature,
+                                     seed=_HELDOUT_SEED, record=False)  # fmt: skip
+            out["heldout_sampled_success"] = float(np.mean([e.reward == 1.0 for e in sampled]))
+        return out
 
 
 def _stats(episodes: list[Episode]) -> dict[str, float]:
