@@ -76,13 +76,13 @@ def get_config():
     c.sft.num_examples = 7200  # 3 turns x 2400 tasks (+ 2 per recovery episode)
     c.sft.packing = True
 
-    c.rl.steps = 150
+    c.rl.steps = 100
     c.rl.prompts_per_step = 8  # P tasks
     c.rl.group_size = 8  # G episodes per task
     # Below 1: at 1.0 the SFT policy's samples slip on format tokens and few episodes succeed.
     c.rl.temperature = 0.7
     c.rl.num_draft_tokens = 0  # agent rollouts decode plainly
     c.rl.lr = 1e-4
-    c.rl.heldout_every = 150  # start and end (each 128 greedy episodes); 50 for a curve
+    c.rl.heldout_every = 100  # start and end (128 greedy + 512 sampled episodes); 25 for a curve
     c.rl.checkpoint_every = 50
     return c
