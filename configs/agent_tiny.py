@@ -77,7 +77,7 @@ def get_config():
     c.sft.packing = True
 
     c.rl.steps = 100
-    c.rl.prompts_per_step = 8  # P tasks
+    c.rl.prompts_per_step = 6  # P tasks (8 sharpened the sampled policy less in 100 steps)
     c.rl.group_size = 8  # G episodes per task
     # Below 1: at 1.0 the SFT policy's samples slip on format tokens and few episodes succeed.
     c.rl.temperature = 0.7

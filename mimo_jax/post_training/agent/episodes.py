@@ -220,24 +220,32 @@ class AgentSource:
         batch = to_batch(episodes, adv, self.config.agent.max_segments)
         return Sampled(batch, rewards, _stats(episodes))
 
-    def heldout(self, model: MiMoV2Flash) -> dict[str, float]:
-        """Solve rates (and greedy episode statistics) on the held-out tasks.
-
-        Returns:
-          ``heldout_success``: the greedy solve rate; with ``agent.heldout_samples`` k > 0 also
-          ``heldout_sampled_success``: the mean over k episodes per task sampled as RL samples
-          (``rl.temperature``, ``rl.top_k``; the same seed at every evaluation).
-        """
-        episodes = self._episodes(model, self.heldout_tasks, temperature=0.0, seed=0,
-                                  record=False)  # fmt: skip
-        solved = np.mean([e.reward == 1.0 for e in episodes])
-        out = {"heldout_success": float(solved),
-               **{f"heldout_{k}": v for k, v in _stats(episodes).items()}}  # fmt: skip
+    def heldout_episodes(self, model: MiMoV2Flash) -> tuple[list[Episode], list[Episode]]:
+        """The held-out episodes: one greedy per task, and ``agent.heldout_samples`` k sampled
+        per task as RL samples them (``rl.temperature``, ``rl.top_k``; the same seed at every
+        evaluation), task-major (task i's are ``[i * k, (i + 1) * k)``; none when k = 0)."""
+        greedy = self._episodes(model, self.heldout_tasks, temperature=0.0, seed=0,
+                                record=False)  # fmt: skip
         k = self.config.agent.heldout_samples
+        sampled = []
         if k:
             tasks_ = [t for t in self.heldout_tasks for _ in range(k)]
             sampled = self._episodes(model, tasks_, temperature=self.config.rl.temperature,
                                      seed=_HELDOUT_SEED, record=False)  # fmt: skip
+        return greedy, sampled
+
+    def heldout(self, model: MiMoV2Flash) -> dict[str, float]:
+        """Solve rates (and greedy episode statistics) on the held-out tasks.
+
+        Returns:
+          ``heldout_success``: the greedy solve rate; with ``agent.heldout_samples`` > 0 also
+          ``heldout_sampled_success``: the solve rate of the sampled episodes, the rate RL
+          optimises.
+        """
+        greedy, sampled = self.heldout_episodes(model)
+        out = {"heldout_success": float(np.mean([e.reward == 1.0 for e in greedy])),
+               **{f"heldout_{k}": v for k, v in _stats(greedy).items()}}  # fmt: skip
+        if sampled:
             out["heldout_sampled_success"] = float(np.mean([e.reward == 1.0 for e in sampled]))
         return out
 
