@@ -12,7 +12,7 @@ and which episodes happen to be sampled.
 
 A checkpoint is a workdir (its latest step) or ``WORKDIR:STEP``. ``--config`` (default
 ``configs/agent_tiny.py``) with ``--set FIELD=VALUE`` overrides (e.g.
-``agent.heldout_samples=8``). Writes bench/results/agent_heldout.json.
+``agent.heldout_samples=8``). Writes ``--out`` (bench/results/agent_heldout.json).
 """
 
 import argparse
@@ -55,6 +55,7 @@ def main():
     parser.add_argument("--after", required=True, help="WORKDIR or WORKDIR:STEP")
     parser.add_argument("--config", default=os.path.join(common.REPO, "configs", "agent_tiny.py"))
     parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE override")
+    parser.add_argument("--out", default=os.path.join(common.RESULTS, "agent_heldout.json"))
     args = parser.parse_args()
     config = common.load_config(args.config, args.set)
     source = episodes.AgentSource(config, data.load_tokenizer(config.data.tokenizer))
@@ -69,7 +70,7 @@ def main():
         print(f"{name:<28} {r['before']:>7.3f} {r['after']:>7.3f} {r['change']:>+7.3f} "
               f"{r['up']:>4} {r['down']:>5} {r['p']:>7.4f}")  # fmt: skip
     result = {"before": args.before, "after": args.after, "tasks": n, **rows}
-    common.write_json(result, os.path.join(common.RESULTS, "agent_heldout.json"))
+    common.write_json(result, args.out)
 
 
 if __name__ == "__main__":
