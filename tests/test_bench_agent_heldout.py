@@ -31,6 +31,7 @@ def test_paired_permutation_test():
 def test_agent_heldout_script_end_to_end(tmp_path):
     c = _small_config()
     c.train.checkpoint_every = 1
+    c.agent.heldout_samples = 0  # the warm-up's own evaluation: greedy only (the script samples)
     sft.run(c, str(tmp_path / "sft"))
     out = tmp_path / "agent_heldout.json"
     sets = {

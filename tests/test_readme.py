@@ -105,6 +105,9 @@ COVERAGE = {
         "test_rl.py::test_cli_rl_runs_and_names_bad_fields",
         "test_rl.py::test_resume_follows_the_uninterrupted_run",
     ),
+    "python bench/agent_heldout.py --before=runs/agent_tiny/sft --after=runs/agent_tiny": ByTests(
+        "test_bench_agent_heldout.py::test_agent_heldout_script_end_to_end"
+    ),
     "python bench/rl_routing.py --workdir=runs/rl_routing": ByTests(
         "test_bench_rl_routing.py::test_rl_routing_smoke"
     ),
