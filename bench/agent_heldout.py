@@ -27,15 +27,17 @@ from mimo_jax.post_training.agent import episodes
 PERMUTATIONS = 100_000
 
 
-def solved(source: episodes.AgentSource, spec: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per task: greedy solved (0/1) and the solved share of the sampled episodes ([N] each)."""
+def solved(source: episodes.AgentSource, spec: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per task: greedy solved (0/1) and the solved share of the sampled episodes ([N] each;
+    None without ``agent.heldout_samples``)."""
     workdir, _, step = spec.partition(":")
     model = checkpoint.load_model(workdir, int(step) if step else None)
     greedy, sampled = source.heldout_episodes(model)
-    n = len(greedy)
     g = np.array([e.reward == 1.0 for e in greedy], np.float64)
-    s = np.array([e.reward == 1.0 for e in sampled], np.float64).reshape(n, -1).mean(axis=1)
-    return g, s
+    if not sampled:
+        return g, None
+    s = np.array([e.reward == 1.0 for e in sampled], np.float64).reshape(len(g), -1)
+    return g, s.mean(axis=1)
 
 
 def paired(before: np.ndarray, after: np.ndarray, seed: int = 0) -> dict[str, float]:

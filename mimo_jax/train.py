@@ -526,6 +526,10 @@ def run_loop(
     return last
 
 
+# Held-out success rates a progress line shows when an evaluation logged them (greedy; sampled).
+HELDOUT_RATES = ("heldout_success", "heldout_sampled_success")
+
+
 def _progress_fields(m: dict[str, float]) -> str:
     """The metrics of a progress line, named as in metrics.jsonl (``mtp_ce`` lists each depth's
     ``mtp_ce_<k>``)."""
@@ -541,7 +545,7 @@ def _progress_fields(m: dict[str, float]) -> str:
     ]
     if "val_loss" in m:
         fields += [f"val_loss {m['val_loss']:.4f}", f"val_bpb {m['val_bpb']:.3f}"]
-    for k in ("heldout_success", "heldout_sampled_success"):
+    for k in HELDOUT_RATES:
         if k in m:
             fields.append(f"{k} {m[k]:.3f}")
     return " | ".join(fields)

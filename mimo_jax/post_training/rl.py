@@ -35,6 +35,7 @@ from mimo_jax.post_training.agent import episodes
 from mimo_jax.progress import Progress
 from mimo_jax.sampling import Sampling
 from mimo_jax.train import (
+    HELDOUT_RATES,
     MetricsWriter,
     _check_same_model,
     _check_workdir,
@@ -263,7 +264,7 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers, step0) ->
         writer.write(0, last)
         if last:
             source = " (the warm-up's last evaluation)" if step0 else ""
-            rates = " | ".join(f"{k} {last[k]:.3f}" for k in _HELDOUT_RATES if k in last)
+            rates = " | ".join(f"{k} {last[k]:.3f}" for k in HELDOUT_RATES if k in last)
             progress.say(f"step 0: {rates}{source}")
     timer, generated = _Timer(), 0.0
     for step in range(start, rc.steps):
@@ -355,12 +356,9 @@ def _rl(config, workdir, cfg, mixture, tokenizer, init_from, teachers, step0) ->
     return last
 
 
-_HELDOUT_RATES = ("heldout_success", "heldout_sampled_success")
-
-
 def _fields(m: dict[str, float]) -> str:
     """The progress line's metrics, named as in metrics.jsonl."""
-    names = ["reward_mean", *_HELDOUT_RATES, "response_length", "entropy", "clip_frac_high",
+    names = ["reward_mean", *HELDOUT_RATES, "response_length", "entropy", "clip_frac_high",
              "rollout_s", "train_s"]  # fmt: skip
     small = ["r3_kl_replay", "r3_kl_no_replay"]  # bf16 vs fp32 gaps: ~1e-4 and below
     return " | ".join(
